@@ -1,0 +1,486 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Low-level bindings of the C core (src_c/).  The public API lives in packfmt.dataset / packfmt.writer.
+
+Everything blocking runs with the GIL released.  Status codes from C become exceptions in exactly one
+place: check_status().
+"""
+import os
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+from packfmt.includes.checksum cimport pk_xxh64
+from packfmt.includes.format cimport *
+from packfmt.includes.reader cimport *
+from packfmt.includes.writer cimport *
+
+from packfmt.errors import CorruptShardError, PackError, PackOSError, UnsupportedVersionError
+
+# --- constants: one source of truth (src_c/format.h), pinned by tests/test_format.py
+FORMAT_VERSION = PK_FORMAT_VERSION
+FORMAT_READ_VERSION = PK_FORMAT_READ_VERSION
+MAGIC = PK_MAGIC[:PK_MAGIC_SIZE]
+HEADER_SIZE = PK_HEADER_SIZE
+ENTRY_SIZE = PK_ENTRY_SIZE
+FOOTER_SIZE = PK_FOOTER_SIZE
+MAX_RECORD_SIZE = PK_MAX_RECORD_SIZE
+MAX_RECORDS = PK_MAX_RECORDS
+CODEC_NONE = PK_CODEC_NONE
+CODEC_ZSTD = PK_CODEC_ZSTD
+CODEC_ZSTD_DICT = PK_CODEC_ZSTD_DICT
+SHARD_HAS_ZSTD = PK_SHARD_HAS_ZSTD
+SHARD_HAS_DICT = PK_SHARD_HAS_DICT
+
+
+cdef inline void clear_error(pk_error *err) noexcept nogil:
+    memset(err, 0, sizeof(pk_error))
+    err.shard = -1
+    err.item = -1
+
+
+cdef int check_status(int rc, pk_error *err, object where, object samples=None) except -1:
+    """Raise the exception for a failed C call.  where: the shard path, or a list of shard paths
+    indexed by err.shard.  samples: maps err.item (batch position) to a global sample index."""
+    if rc == PK_OK:
+        return 0
+    if isinstance(where, (list, tuple)):
+        name = where[err.shard] if 0 <= err.shard < len(where) else "<dataset>"
+    else:
+        name = where
+    detail = err.msg.decode("utf-8", "replace")
+    sample = None
+    if err.item >= 0 and samples is not None:
+        sample = int(samples[err.item])
+    at = f"{name}: {detail}"
+    if rc == PK_E_IO:
+        e = err.sys_errno
+        raise PackOSError(e, f"{os.strerror(e)} ({detail} at offset {err.offset})", str(name))
+    if rc == PK_E_NOMEM:
+        raise MemoryError(at)
+    if rc == PK_E_VERSION:
+        raise UnsupportedVersionError(
+            f"{at}: the file needs format version {err.actual}, this packfmt reads up to "
+            f"{err.expected}; upgrade packfmt")
+    if rc in (PK_E_CORRUPT, PK_E_CHECKSUM, PK_E_TRUNCATED):
+        what = {PK_E_CORRUPT: "corrupt shard", PK_E_CHECKSUM: "checksum mismatch",
+                PK_E_TRUNCATED: "truncated shard"}[rc]
+        msg = f"{name}: {what} at offset {err.offset}: {detail}"
+        if rc == PK_E_CHECKSUM:
+            msg += f" (expected {err.expected:016x}, got {err.actual:016x})"
+        elif err.expected or err.actual:
+            msg += f" (expected {err.expected}, found {err.actual})"
+        if sample is not None:
+            msg += f" [sample {sample}]"
+        raise CorruptShardError(msg, shard=str(name), offset=err.offset, expected=err.expected,
+                                actual=err.actual, sample=sample)
+    if rc == PK_E_RANGE:
+        raise ValueError(f"{at} (limit {err.expected}, got {err.actual})")
+    raise PackError(f"{at}: {pk_strerror(rc).decode()}")
+
+
+def xxh64(data, uint64_t seed=0):
+    """XXH64 of a bytes-like object, computed by the C core."""
+    cdef const uint8_t[::1] view = memoryview(data).cast("B")
+    cdef uint64_t h
+    with nogil:
+        h = pk_xxh64(&view[0] if view.shape[0] else NULL, view.shape[0], seed)
+    return h
+
+
+def hash_strings(const uint8_t[::1] data, const int64_t[::1] offsets, uint64_t[::1] out):
+    """out[i] = XXH64(data[offsets[i]:offsets[i+1]]): the hashes of an Arrow string column."""
+    cdef Py_ssize_t i, n = out.shape[0]
+    cdef const uint8_t *base = &data[0] if data.shape[0] else NULL
+    if offsets.shape[0] != n + 1:
+        raise ValueError("offsets must have one more element than out")
+    if n and (offsets[0] < 0 or offsets[n] > data.shape[0]):
+        raise ValueError("string offsets outside the data buffer")
+    with nogil:
+        for i in range(n):
+            out[i] = pk_xxh64(base + offsets[i], <size_t>(offsets[i + 1] - offsets[i]), 0)
+
+
+cdef class ShardWriter:
+    """Append records to a new shard file (src_c/writer.h).  Not thread-safe."""
+    cdef pk_writer *w
+    cdef readonly object path
+
+    def __cinit__(self, path, uint32_t flags=0, uint32_t dict_id=0):
+        cdef pk_error err
+        clear_error(&err)
+        self.path = os.fspath(path)
+        cdef bytes bpath = os.fsencode(self.path)
+        cdef const char *cpath = bpath
+        cdef int rc
+        with nogil:
+            rc = pk_writer_open(cpath, flags, dict_id, &self.w, &err)
+        check_status(rc, &err, self.path)
+
+    def __dealloc__(self):
+        if self.w is not NULL:
+            pk_writer_abort(self.w)
+            self.w = NULL
+
+    cdef int _check_open(self) except -1:
+        if self.w is NULL:
+            raise ValueError(f"{self.path}: shard writer is closed")
+        return 0
+
+    @property
+    def size(self):
+        self._check_open()
+        return pk_writer_size(self.w)
+
+    @property
+    def count(self):
+        self._check_open()
+        return pk_writer_count(self.w)
+
+    def append(self, data, uint32_t raw_len, uint32_t codec=PK_CODEC_NONE):
+        """Append stored bytes; returns (offset, stored_len, checksum)."""
+        self._check_open()
+        cdef const uint8_t[::1] view = memoryview(data).cast("B")
+        cdef Py_ssize_t n = view.shape[0]
+        if n > PK_MAX_RECORD_SIZE:
+            raise ValueError(f"record of {n} bytes exceeds the limit of {PK_MAX_RECORD_SIZE} bytes")
+        cdef pk_entry e
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        with nogil:
+            rc = pk_writer_append(self.w, &view[0] if n else NULL, <uint32_t>n, raw_len, codec, &e, &err)
+        check_status(rc, &err, self.path)
+        return e.offset, e.stored_len, e.checksum
+
+    def append_files(self, list paths, Py_ssize_t start, uint64_t[::1] offsets, uint32_t[::1] lengths,
+                     uint64_t[::1] checksums, uint64_t max_size=0):
+        """Append files paths[start:] stored raw, writing each entry at the same position of the output
+        arrays.  Stops before a file that would take the shard past max_size (0: no limit) and returns
+        the position reached.  A file that cannot be read raises PackOSError with .filename set and
+        .position its index in paths."""
+        self._check_open()
+        cdef Py_ssize_t i, n = len(paths)
+        cdef pk_entry e
+        cdef pk_error err
+        cdef int rc
+        cdef bytes p
+        cdef const char *cp
+        if offsets.shape[0] < n or lengths.shape[0] < n or checksums.shape[0] < n:
+            raise ValueError("output arrays shorter than paths")
+        for i in range(start, n):
+            p = paths[i]
+            cp = p
+            clear_error(&err)
+            with nogil:
+                rc = pk_writer_append_file(self.w, cp, &e, &err)
+            if rc != PK_OK:
+                try:
+                    check_status(rc, &err, os.fsdecode(p))
+                except Exception as exc:
+                    exc.position = i
+                    raise
+            offsets[i] = e.offset
+            lengths[i] = e.stored_len
+            checksums[i] = e.checksum
+        return n
+
+    def close(self):
+        """Write index and footer; returns dict(size, records, checksum, data_bytes)."""
+        self._check_open()
+        cdef pk_writer_summary s
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        cdef pk_writer *w = self.w
+        self.w = NULL
+        with nogil:
+            rc = pk_writer_close(w, &s, &err)
+        check_status(rc, &err, self.path)
+        return dict(size=s.file_size, records=s.record_count, checksum=s.file_checksum,
+                    data_bytes=s.data_bytes)
+
+    def abort(self):
+        if self.w is not NULL:
+            pk_writer_abort(self.w)
+            self.w = NULL
+
+
+cdef dict info_dict(pk_shard_info *info):
+    return dict(file_size=info.file_size, records=info.record_count, index_offset=info.index_offset,
+                flags=info.flags, dict_id=info.dict_id, read_version=info.read_version,
+                write_version=info.write_version)
+
+
+def check_tail(tail, uint64_t file_size, name="<shard>"):
+    """Validate the last bytes of a shard (footer + index); returns the shard info.  For shards whose
+    bytes come from elsewhere than a local file."""
+    cdef const uint8_t[::1] view = memoryview(tail).cast("B")
+    cdef pk_shard_info info
+    cdef pk_error err
+    clear_error(&err)
+    cdef int rc
+    with nogil:
+        rc = pk_shard_check_tail(&view[0] if view.shape[0] else NULL, view.shape[0], file_size, &info, &err)
+    check_status(rc, &err, name)
+    return info_dict(&info)
+
+
+cdef class Shard:
+    """One validated shard file (src_c/reader.h)."""
+    cdef pk_shard *s
+    cdef readonly object path
+    cdef readonly dict info
+
+    def __cinit__(self, path, uint64_t expected_size=0, bint use_mmap=False):
+        cdef pk_error err
+        clear_error(&err)
+        self.path = os.fspath(path)
+        cdef bytes bpath = os.fsencode(self.path)
+        cdef const char *cpath = bpath
+        cdef int rc
+        cdef pk_shard_info info
+        with nogil:
+            rc = pk_shard_open(cpath, expected_size, use_mmap, &self.s, &err)
+        check_status(rc, &err, self.path)
+        pk_shard_get_info(self.s, &info)
+        self.info = info_dict(&info)
+
+    def __dealloc__(self):
+        if self.s is not NULL:
+            pk_shard_close(self.s)
+
+    def close(self):
+        if self.s is not NULL:
+            pk_shard_close(self.s)
+            self.s = NULL
+
+    cdef int _check_open(self) except -1:
+        if self.s is NULL:
+            raise ValueError(f"{self.path}: shard is closed")
+        return 0
+
+    def __len__(self):
+        return self.info["records"]
+
+    def entry(self, uint64_t i):
+        """(offset, stored_len, raw_len, checksum, flags) of record i."""
+        self._check_open()
+        cdef pk_entry e
+        cdef pk_error err
+        clear_error(&err)
+        check_status(pk_shard_entry(self.s, i, &e, &err), &err, self.path)
+        return e.offset, e.stored_len, e.raw_len, e.checksum, e.flags
+
+    def read(self, uint64_t offset, uint32_t length):
+        """Stored bytes at [offset, offset+length) of the data region."""
+        self._check_open()
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, length)
+        cdef char *dst = PyBytes_AS_STRING(out)
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        with nogil:
+            rc = pk_shard_read(self.s, offset, length, dst, &err)
+        check_status(rc, &err, self.path)
+        return out
+
+    def verify_records(self, uint64_t start, uint64_t end, size_t max_report=1000):
+        """Record numbers in [start, end) whose checksum does not match, and their total count."""
+        self._check_open()
+        cdef size_t cap = max_report if max_report > 0 else 1
+        cdef uint64_t *bad = <uint64_t *>malloc(cap * sizeof(uint64_t))
+        cdef size_t nbad = 0
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        if bad is NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                rc = pk_shard_verify_records(self.s, start, end, bad, max_report, &nbad, &err)
+            check_status(rc, &err, self.path)
+            return [bad[i] for i in range(min(nbad, max_report))], nbad
+        finally:
+            free(bad)
+
+    def hash_range(self, uint64_t start, uint64_t end):
+        self._check_open()
+        cdef uint64_t h = 0
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        with nogil:
+            rc = pk_shard_hash_range(self.s, start, end, &h, &err)
+        check_status(rc, &err, self.path)
+        return h
+
+
+cdef class ShardSet:
+    """The shards of a dataset plus the columns of its global index that locate records.
+
+    Shards open lazily on first use.  A ShardSet must not be used across fork(): the dataset layer
+    makes a new one in the child.
+    """
+    cdef pk_shardset *set
+    cdef pk_index_cols cols
+    cdef readonly list paths
+    cdef object _keep            # the column arrays, kept alive while cols points into them
+    cdef pk_read_opts opts
+    cdef readonly size_t last_reads
+
+    def __cinit__(self, list paths, const uint64_t[::1] sizes, const uint32_t[::1] shard,
+                  const uint64_t[::1] offset, const uint32_t[::1] stored_len, const uint64_t[::1] checksum,
+                  bint use_mmap=True, bint verify=True, uint64_t max_gap=64 * 1024,
+                  uint64_t max_read=8 * 1024 * 1024):
+        cdef Py_ssize_t i, n = len(paths)
+        if sizes.shape[0] != n:
+            raise ValueError("one size per shard path")
+        cdef Py_ssize_t rows = shard.shape[0]
+        if offset.shape[0] != rows or stored_len.shape[0] != rows or checksum.shape[0] != rows:
+            raise ValueError("index columns differ in length")
+        self.paths = [os.fspath(p) for p in paths]
+        encoded = [os.fsencode(p) for p in self.paths]
+        cdef const char **cpaths = <const char **>malloc(max(n, 1) * sizeof(char *))
+        if cpaths is NULL:
+            raise MemoryError()
+        for i in range(n):
+            cpaths[i] = <bytes>encoded[i]
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc = pk_shardset_new(n, cpaths, &sizes[0] if n else NULL, use_mmap, &self.set, &err)
+        free(cpaths)
+        check_status(rc, &err, self.paths)
+        self._keep = (shard, offset, stored_len, checksum)
+        self.cols.nrows = rows
+        self.cols.shard = &shard[0] if rows else NULL
+        self.cols.offset = &offset[0] if rows else NULL
+        self.cols.stored_len = &stored_len[0] if rows else NULL
+        self.cols.checksum = &checksum[0] if rows else NULL
+        self.opts.verify = verify
+        self.opts.max_gap = max_gap
+        self.opts.max_read = max_read
+
+    def __dealloc__(self):
+        if self.set is not NULL:
+            pk_shardset_free(self.set)
+
+    def shard(self, size_t i):
+        """Open (if needed) shard i and return its info dict."""
+        cdef pk_shard *s
+        cdef pk_shard_info info
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        with nogil:
+            rc = pk_shardset_get(self.set, i, &s, &err)
+        check_status(rc, &err, self.paths)
+        pk_shard_get_info(s, &info)
+        return info_dict(&info)
+
+    def read_one(self, int64_t row):
+        """Stored bytes of one row."""
+        if row < 0 or <uint64_t>row >= self.cols.nrows:
+            raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[row])
+        cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
+        cdef pk_error err
+        clear_error(&err)
+        cdef size_t nreads
+        cdef int rc
+        with nogil:
+            rc = pk_read_batch(self.set, &self.cols, &row, 1, &dst, &self.opts, &nreads, &err)
+        check_status(rc, &err, self.paths, (row,))
+        return out
+
+    def read_rows(self, const int64_t[::1] rows):
+        """Stored bytes of each row, as a list of bytes in the order of rows."""
+        cdef Py_ssize_t k, n = rows.shape[0]
+        cdef list out = [None] * n
+        cdef uint8_t **dst = <uint8_t **>malloc(max(n, 1) * sizeof(uint8_t *))
+        if dst is NULL:
+            raise MemoryError()
+        cdef bytes b
+        cdef int64_t row
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        cdef size_t nreads = 0
+        try:
+            for k in range(n):
+                row = rows[k]
+                if row < 0 or <uint64_t>row >= self.cols.nrows:
+                    raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
+                b = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[row])
+                out[k] = b
+                dst[k] = <uint8_t *>PyBytes_AS_STRING(b)
+            with nogil:
+                rc = pk_read_batch(self.set, &self.cols, &rows[0] if n else NULL, n, dst, &self.opts,
+                                   &nreads, &err)
+            self.last_reads = nreads
+            check_status(rc, &err, self.paths, rows)
+        finally:
+            free(dst)
+        return out
+
+    def read_rows_into(self, const int64_t[::1] rows, uint8_t[::1] buf, const uint64_t[::1] starts):
+        """Stored bytes of each row into buf at starts[k] (the caller sized buf from the index)."""
+        cdef Py_ssize_t k, n = rows.shape[0]
+        if starts.shape[0] < n:
+            raise ValueError("one start per row")
+        cdef uint8_t **dst = <uint8_t **>malloc(max(n, 1) * sizeof(uint8_t *))
+        if dst is NULL:
+            raise MemoryError()
+        cdef int64_t row
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        cdef size_t nreads = 0
+        try:
+            for k in range(n):
+                row = rows[k]
+                if row < 0 or <uint64_t>row >= self.cols.nrows:
+                    raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
+                if starts[k] + self.cols.stored_len[row] > <uint64_t>buf.shape[0]:
+                    raise ValueError("buffer too small for the batch")
+                dst[k] = &buf[0] + starts[k] if buf.shape[0] else NULL
+            with nogil:
+                rc = pk_read_batch(self.set, &self.cols, &rows[0] if n else NULL, n, dst, &self.opts,
+                                   &nreads, &err)
+            self.last_reads = nreads
+            check_status(rc, &err, self.paths, rows)
+        finally:
+            free(dst)
+
+
+def verify_buffers(list bufs, const uint64_t[::1] checksums, names=None, samples=None):
+    """Check fetched stored bytes against their checksums (remote reads).  Raises CorruptShardError
+    naming names[k] for the first mismatch."""
+    cdef Py_ssize_t k, n = len(bufs)
+    if checksums.shape[0] < n:
+        raise ValueError("one checksum per buffer")
+    cdef const uint8_t **ptrs = <const uint8_t **>malloc(max(n, 1) * sizeof(uint8_t *))
+    cdef uint32_t *lens = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
+    cdef const uint8_t[::1] view
+    cdef list views = []
+    cdef pk_error err
+    clear_error(&err)
+    cdef int rc
+    if ptrs is NULL or lens is NULL:
+        free(ptrs); free(lens)
+        raise MemoryError()
+    try:
+        for k in range(n):
+            view = memoryview(bufs[k]).cast("B")
+            views.append(view)
+            ptrs[k] = &view[0] if view.shape[0] else NULL
+            lens[k] = <uint32_t>view.shape[0]
+        with nogil:
+            rc = pk_verify_buffers(n, ptrs, lens, &checksums[0] if n else NULL, &err)
+        if rc != PK_OK:
+            where = names[err.item] if names is not None and err.item >= 0 else "<buffer>"
+            check_status(rc, &err, where, samples)
+    finally:
+        free(ptrs)
+        free(lens)

@@ -1,0 +1,413 @@
+"""Reading datasets: ``packfmt.open(url)`` returns a :class:`Dataset`.
+
+Opening reads the manifest and the global index (memory-mapped when local) and nothing else: shards
+are opened on first use, and no directory is ever listed.  Reads go through the native core, which
+sorts a batch by position, coalesces neighbouring records, releases the GIL, and checks every
+record's checksum before handing bytes back.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import weakref
+
+import numpy as np
+import pyarrow as pa
+import zstandard
+
+from packfmt import _core
+from packfmt import manifest as mf
+from packfmt.errors import CorruptShardError, DatasetNotFoundError, ManifestError, PackOSError
+
+# The packfmt columns of the global index and the Arrow type each must have.
+_INDEX_TYPES = {
+    "shard": pa.uint32(),
+    "offset": pa.uint64(),
+    "stored_len": pa.uint32(),
+    "raw_len": pa.uint32(),
+    "checksum": pa.uint64(),
+    "flags": pa.uint32(),
+}
+
+_builtin_open = builtins.open
+_open_datasets: "weakref.WeakSet[Dataset]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Shard handles (fds, maps, a mutex) are per process: the child opens its own on first use.
+    for ds in list(_open_datasets):
+        ds.__dict__.pop("_shardset", None)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def open(url, **options) -> "Dataset":  # noqa: A001 - the natural name, like io.open / h5py.File
+    """Open the dataset at ``url`` (a directory path or ``file://`` URL).
+
+    Options: ``mmap=True`` (map shards; ``False`` reads with pread and coalesces neighbours),
+    ``verify=True`` (check each record's checksum on read), ``max_gap`` / ``max_read`` (coalescing, in
+    bytes), ``decompress_threads=0``.
+
+    >>> import packfmt, tempfile, os
+    >>> out = os.path.join(tempfile.mkdtemp(), "ds")
+    >>> with packfmt.Writer(out) as w:
+    ...     w.add("x", b"1", label=7)
+    >>> ds = packfmt.open(out)
+    >>> ds[0], ds.key(0), ds.column("label").tolist()
+    (b'1', 'x', [7])
+    """
+    return Dataset(url, **options)
+
+
+def _local_dir(url) -> str:
+    url = os.fspath(url)
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url:
+        raise ValueError(f"{url}: unsupported URL scheme")
+    return url
+
+
+class Dataset:
+    """A packfmt dataset opened for reading.  Map-style: ``len(ds)``, ``ds[i]``, ``ds.get_batch(idx)``.
+
+    Picklable (the child re-opens lazily) and safe across ``fork``.
+    """
+
+    def __init__(self, url, *, mmap: bool = True, verify: bool = True, max_gap: int = 64 << 10,
+                 max_read: int = 8 << 20, decompress_threads: int = 0):
+        self.url = os.fspath(url)
+        self._options = dict(mmap=mmap, verify=verify, max_gap=max_gap, max_read=max_read,
+                             decompress_threads=decompress_threads)
+        self._load()
+
+    # ------------------------------------------------------------------ opening
+    def _load(self) -> None:
+        d = self.__dict__
+        root = _local_dir(self.url)
+        d["_root"] = root
+        mpath = os.path.join(root, mf.MANIFEST_NAME)
+        try:
+            with _builtin_open(mpath, "rb") as f:
+                data = f.read(mf.MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            hint = ""
+            if os.path.exists(os.path.join(root, mf.INCOMPLETE_MARKER)):
+                hint = " (a build into it was interrupted: run the build again)"
+            elif not os.path.isdir(root):
+                hint = " (no such directory)"
+            raise DatasetNotFoundError(f"no packfmt dataset at {self.url}: {mf.MANIFEST_NAME} not found{hint}") from None
+        except OSError as e:
+            raise PackOSError(e.errno, e.strerror, mpath) from None
+        m = mf.Manifest.parse(data, mpath)
+        d["_manifest"] = m
+        table = self._load_index(root, m)
+        d["_table"] = table
+        cols = {}
+        for name, typ in _INDEX_TYPES.items():
+            cols[name] = table.column(name).chunk(0).to_numpy(zero_copy_only=True) if table.num_rows else np.zeros(0, typ.to_pandas_dtype())
+        self._check_index(m, cols)
+        d["_cols"] = cols
+        d["_raw_only"] = not bool(np.any(cols["flags"])) if table.num_rows else True
+        d["_paths"] = [os.path.join(root, s.name) for s in m.shards]
+        d["_key_lookup"] = None
+        _open_datasets.add(self)
+
+    def _load_index(self, root: str, m: mf.Manifest) -> pa.Table:
+        ipath = os.path.join(root, m.index_name)
+        try:
+            source = pa.memory_map(ipath, "r")
+        except FileNotFoundError:
+            raise ManifestError(f"{ipath}: the index named by the manifest is missing") from None
+        if source.size() != m.index_size:
+            raise ManifestError(f"{ipath}: index is {source.size()} bytes, the manifest says {m.index_size}")
+        buf = source.read_buffer()
+        got = _core.xxh64(buf) if buf.size else _core.xxh64(b"")
+        if got != m.index_checksum:
+            raise ManifestError(f"{ipath}: index checksum {got:016x} differs from the manifest's {m.index_checksum:016x}")
+        try:
+            table = pa.ipc.open_file(buf).read_all()
+        except (pa.ArrowInvalid, pa.ArrowException) as e:
+            raise ManifestError(f"{ipath}: not a valid Arrow IPC file: {e}") from None
+        if table.num_rows != m.samples:
+            raise ManifestError(f"{ipath}: index has {table.num_rows} rows, the manifest says {m.samples}")
+        schema = table.schema
+        if "key" not in schema.names or schema.field("key").type not in (pa.string(), pa.large_string()):
+            raise ManifestError(f"{ipath}: index lacks a string 'key' column")
+        for name, typ in _INDEX_TYPES.items():
+            if name not in schema.names or schema.field(name).type != typ:
+                raise ManifestError(f"{ipath}: index column {name!r} missing or not {typ}")
+        table = table.combine_chunks()
+        for name in ("key",) + tuple(_INDEX_TYPES):
+            if table.column(name).null_count:
+                raise ManifestError(f"{ipath}: index column {name!r} has nulls")
+        return table
+
+    def _check_index(self, m: mf.Manifest, cols: dict) -> None:
+        """Cheap, vectorised agreement checks between index and manifest; reads catch the rest."""
+        n = m.samples
+        if n == 0:
+            return
+        shard = cols["shard"]
+        if int(shard.max()) >= len(m.shards):
+            raise ManifestError(f"{self.url}: index names shard {int(shard.max())}, the manifest has {len(m.shards)}")
+        counts = np.bincount(shard, minlength=len(m.shards))
+        for i, s in enumerate(m.shards):
+            if counts[i] != s.records:
+                raise ManifestError(f"{self.url}: index has {counts[i]} samples in {s.name}, the manifest says {s.records}")
+        data_end = np.array([s.size - _core.FOOTER_SIZE - _core.ENTRY_SIZE * s.records for s in m.shards],
+                            dtype=np.uint64)[shard]
+        off, stored, raw, flags = cols["offset"], cols["stored_len"], cols["raw_len"], cols["flags"]
+        bad = (off < _core.HEADER_SIZE) | (off > data_end) | (stored.astype(np.uint64) > data_end - np.minimum(off, data_end))
+        bad |= (flags > _core.CODEC_ZSTD_DICT) | ((flags == _core.CODEC_NONE) & (stored != raw))
+        bad |= raw > _core.MAX_RECORD_SIZE
+        if m.dictionary is None:
+            bad |= flags == _core.CODEC_ZSTD_DICT
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ManifestError(f"{self.url}: index row {i} (key {self.key(i)!r}) is inconsistent with its shard "
+                                f"{m.shards[int(shard[i])].name}: offset {int(off[i])}, stored {int(stored[i])}, "
+                                f"raw {int(raw[i])}, flags {int(flags[i])}")
+
+    def __getattr__(self, name):
+        # Only reached when an attribute is missing: after unpickling, load on first use.
+        if name.startswith("_") and "_options" in self.__dict__ and "_manifest" not in self.__dict__ and name != "_load":
+            self._load()
+            return getattr(self, name)
+        raise AttributeError(name)
+
+    def __getstate__(self):
+        return {"url": self.url, "_options": self._options}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    @property
+    def _shardset(self) -> _core.ShardSet:
+        ss = self.__dict__.get("_shardset")
+        if ss is None:
+            o, c, m = self._options, self._cols, self._manifest
+            ss = _core.ShardSet(self._paths, np.array([s.size for s in m.shards], dtype=np.uint64),
+                                c["shard"], c["offset"], c["stored_len"], c["checksum"], use_mmap=o["mmap"],
+                                verify=o["verify"], max_gap=o["max_gap"], max_read=o["max_read"])
+            self.__dict__["_shardset"] = ss
+        return ss
+
+    # ------------------------------------------------------------------ metadata
+    def __len__(self) -> int:
+        return self._manifest.samples
+
+    def __repr__(self) -> str:
+        m = self._manifest
+        return f"<packfmt.Dataset {self.url!r}: {m.samples} samples in {len(m.shards)} shards, {m.codec}>"
+
+    @property
+    def manifest(self) -> dict:
+        """The parsed ``manifest.json``."""
+        return self._manifest.raw
+
+    @property
+    def content_id(self) -> str:
+        """Checksum of the manifest: identifies this exact dataset content."""
+        return self._manifest.content_id
+
+    @property
+    def shards(self) -> list:
+        return [s.name for s in self._manifest.shards]
+
+    @property
+    def index(self) -> pa.Table:
+        """The global index as an Arrow table (memory-mapped; zero-copy)."""
+        return self._table
+
+    @property
+    def columns(self) -> list:
+        """The user columns of the index (``label``, ...)."""
+        return [n for n in self._table.schema.names if n not in mf.INDEX_COLUMNS]
+
+    shard_of = property(lambda self: self._cols["shard"], doc="Shard number of every sample (uint32 array).")
+    offsets = property(lambda self: self._cols["offset"], doc="Byte offset of every sample in its shard.")
+    stored_lengths = property(lambda self: self._cols["stored_len"], doc="Stored (on-disk) length of every sample.")
+    raw_lengths = property(lambda self: self._cols["raw_len"], doc="Decoded length of every sample.")
+    checksums = property(lambda self: self._cols["checksum"], doc="XXH64 of every sample's stored bytes.")
+    codecs = property(lambda self: self._cols["flags"], doc="Codec of every sample (0 none, 1 zstd, 2 zstd+dict).")
+
+    def column(self, name: str) -> np.ndarray:
+        """A column of the index as a numpy array (zero-copy where Arrow allows)."""
+        col = self._table.column(name)
+        try:
+            return col.chunk(0).to_numpy(zero_copy_only=True) if col.num_chunks == 1 else col.to_numpy()
+        except pa.ArrowInvalid:
+            return col.to_numpy(zero_copy_only=False)
+
+    def key(self, i: int) -> str:
+        return self._table.column("key")[self._row(i)].as_py()
+
+    @property
+    def keys(self) -> pa.Array:
+        return self._table.column("key").chunk(0) if len(self) else pa.array([], pa.string())
+
+    def index_of(self, key: str) -> int:
+        """Global index of the sample with this key (KeyError if none).  The first call hashes all keys
+        (O(N) in C); later calls are O(log N)."""
+        lookup = self._key_lookup
+        if lookup is None:
+            keys = self.keys
+            offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64 if keys.type == pa.large_string() else np.int32)
+            offsets = offsets[keys.offset: keys.offset + len(keys) + 1].astype(np.int64)
+            data = keys.buffers()[2]
+            hashes = np.empty(len(keys), dtype=np.uint64)
+            _core.hash_strings(np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8),
+                               offsets, hashes)
+            order = np.argsort(hashes, kind="stable")
+            lookup = self.__dict__["_key_lookup"] = (hashes[order], order)
+        sorted_hashes, order = lookup
+        h = np.uint64(_core.xxh64(key.encode("utf-8")))
+        lo = int(np.searchsorted(sorted_hashes, h, side="left"))
+        hi = int(np.searchsorted(sorted_hashes, h, side="right"))
+        for j in range(lo, hi):
+            i = int(order[j])
+            if self.key(i) == key:
+                return i
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        try:
+            self.index_of(key)
+            return True
+        except KeyError:
+            return False
+
+    # ------------------------------------------------------------------ reading
+    def _row(self, i) -> int:
+        n = self._manifest.samples
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample index out of range: {i} (dataset has {n} samples)")
+        return i
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.get_batch(np.arange(*i.indices(len(self))))
+        row = self._row(i)
+        if self._raw_only:
+            return self._shardset.read_one(row)
+        return self.get_batch([row])[0]
+
+    def get_batch(self, indices) -> list:
+        """The samples at ``indices`` (any order, repeats allowed), as a list of bytes in that order."""
+        rows = np.asarray(indices)
+        if rows.dtype.kind not in "iu":
+            if rows.size == 0:
+                rows = rows.astype(np.int64)
+            else:
+                raise TypeError(f"indices must be integers, got {rows.dtype}")
+        rows = np.ascontiguousarray(rows.reshape(-1), dtype=np.int64)
+        n = self._manifest.samples
+        if rows.size and (rows.min() < -n or rows.max() >= n):
+            bad = rows[(rows < -n) | (rows >= n)][0]
+            raise IndexError(f"sample index out of range: {int(bad)} (dataset has {n} samples)")
+        if rows.size and rows.min() < 0:
+            rows = np.where(rows < 0, rows + n, rows)
+        if self._raw_only:
+            return self._shardset.read_rows(rows)
+        return self._read_decoded(rows)
+
+    def _read_decoded(self, rows: np.ndarray) -> list:
+        c = self._cols
+        stored = c["stored_len"][rows].astype(np.uint64)
+        starts = np.zeros(len(rows), dtype=np.uint64)
+        if len(rows) > 1:
+            np.cumsum(stored[:-1], out=starts[1:])
+        buf = bytearray(int(stored.sum()))
+        self._shardset.read_rows_into(rows, buf, starts)
+        return self._decode(rows, buf, starts, stored)
+
+    def _decode(self, rows, buf, starts, stored) -> list:
+        """Turn stored bytes (one buffer, record k at starts[k]) into raw samples, decompressing all the
+        zstd records of the batch in one call into the zstd library."""
+        c = self._cols
+        flags = c["flags"][rows]
+        raw = c["raw_len"][rows]
+        out = [None] * len(rows)
+        view = memoryview(buf)
+        for k in np.flatnonzero(flags == _core.CODEC_NONE).tolist():
+            s = int(starts[k])
+            out[k] = bytes(view[s: s + int(stored[k])])
+        for codec in (_core.CODEC_ZSTD, _core.CODEC_ZSTD_DICT):
+            ks = np.flatnonzero(flags == codec)
+            if not len(ks):
+                continue
+            segments = np.empty((len(ks), 2), dtype=np.uint64)
+            segments[:, 0] = starts[ks]
+            segments[:, 1] = stored[ks]
+            sizes = raw[ks].astype(np.uint64)
+            try:
+                frames = zstandard.BufferWithSegments(buf, segments.tobytes())
+                result = self._dctx(codec).multi_decompress_to_buffer(
+                    frames, decompressed_sizes=sizes.tobytes(), threads=self._options["decompress_threads"])
+            except zstandard.ZstdError as e:
+                raise self._decode_error(rows, ks, f"zstd decompression failed: {e}") from None
+            for j, k in enumerate(ks.tolist()):
+                seg = result[j]
+                if len(seg) != int(sizes[j]):
+                    raise self._decode_error(rows, ks[j:j + 1], f"decompressed to {len(seg)} bytes, index says {int(sizes[j])}")
+                out[k] = seg.tobytes()
+        return out
+
+    def _decode_error(self, rows, ks, what) -> CorruptShardError:
+        row = int(rows[ks[0]]) if len(ks) == 1 else None
+        if row is None:
+            return CorruptShardError(f"{self.url}: {what} (in a batch of samples {sorted(set(int(rows[k]) for k in ks))[:8]}...)")
+        shard = self._paths[int(self._cols["shard"][row])]
+        off = int(self._cols["offset"][row])
+        return CorruptShardError(f"{shard}: sample {row} at offset {off}: {what}", shard=shard, offset=off, sample=row)
+
+    def _dctx(self, codec: int) -> zstandard.ZstdDecompressor:
+        key = "_dctx_dict" if codec == _core.CODEC_ZSTD_DICT else "_dctx_plain"
+        dctx = self.__dict__.get(key)
+        if dctx is None:
+            d = self._dictionary() if codec == _core.CODEC_ZSTD_DICT else None
+            dctx = self.__dict__[key] = zstandard.ZstdDecompressor(dict_data=d)
+        return dctx
+
+    def _dictionary(self) -> zstandard.ZstdCompressionDict:
+        info = self._manifest.dictionary
+        if info is None:
+            raise ManifestError(f"{self.url}: records use a dictionary but the manifest names none")
+        path = os.path.join(self._root, info["name"])
+        try:
+            with _builtin_open(path, "rb") as f:
+                data = f.read(info["size"] + 1)
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: the dictionary named by the manifest is missing") from None
+        if len(data) != info["size"] or _core.xxh64(data) != info["checksum"]:
+            raise ManifestError(f"{path}: dictionary size or checksum differs from the manifest")
+        return zstandard.ZstdCompressionDict(data)
+
+    def __iter__(self):
+        """All samples in index order, read in batches."""
+        n = len(self)
+        for start in range(0, n, 256):
+            yield from self.get_batch(np.arange(start, min(start + 256, n)))
+
+    def iter_batches(self, batch_size: int = 256, indices=None):
+        """Yield lists of samples for consecutive slices of ``indices`` (default: all, in order)."""
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices)
+        for start in range(0, len(idx), batch_size):
+            yield self.get_batch(idx[start: start + batch_size])
+
+    def close(self) -> None:
+        self.__dict__.pop("_shardset", None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+

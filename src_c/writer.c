@@ -1,0 +1,273 @@
+/* writer.c -- buffered, append-only shard writer. */
+#define _GNU_SOURCE
+#include "writer.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "checksum.h"
+
+#define WRITE_BUFFER_SIZE (1u << 20)
+
+struct pk_writer {
+    int fd;
+    uint32_t flags;         /* PK_SHARD_* declared at open */
+    uint32_t dict_id;
+    uint64_t written;       /* bytes handed to write(2) */
+    uint8_t *buf;           /* WRITE_BUFFER_SIZE bytes of pending output */
+    size_t buf_len;
+    uint8_t *index;         /* encoded entries, count * PK_ENTRY_SIZE bytes */
+    size_t index_cap;       /* capacity of index in bytes */
+    uint64_t count;
+    uint64_t data_bytes;
+    uint8_t *scratch;       /* read buffer for append_file of large files */
+    size_t scratch_cap;
+    pk_xxh64_state file_hash;
+};
+
+static int io_fail(pk_error *err, int e, uint64_t offset, const char *msg) {
+    if (err) err->sys_errno = e;
+    return pk_fail(err, PK_E_IO, offset, 0, 0, msg);
+}
+
+static int write_all(pk_writer *w, const uint8_t *p, size_t len, pk_error *err) {
+    pk_xxh64_update(&w->file_hash, p, len);
+    while (len > 0) {
+        ssize_t n = write(w->fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return io_fail(err, errno, w->written, "write to shard failed");
+        }
+        p += n;
+        len -= (size_t)n;
+        w->written += (uint64_t)n;
+    }
+    return PK_OK;
+}
+
+static int flush(pk_writer *w, pk_error *err) {
+    int rc = write_all(w, w->buf, w->buf_len, err);
+    w->buf_len = 0;
+    return rc;
+}
+
+/* Append bytes to the output, through the buffer unless they are large. */
+static int emit(pk_writer *w, const uint8_t *p, size_t len, pk_error *err) {
+    if (w->buf_len + len <= WRITE_BUFFER_SIZE) {
+        memcpy(w->buf + w->buf_len, p, len);
+        w->buf_len += len;
+        return PK_OK;
+    }
+    int rc = flush(w, err);
+    if (rc) return rc;
+    if (len >= WRITE_BUFFER_SIZE) return write_all(w, p, len, err);
+    memcpy(w->buf, p, len);
+    w->buf_len = len;
+    return PK_OK;
+}
+
+int pk_writer_open(const char *path, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err) {
+    *out = NULL;
+    if (flags & ~PK_SHARD_FLAGS_KNOWN) return pk_fail(err, PK_E_RANGE, 0, 0, flags, "unknown shard flags");
+    pk_writer *w = calloc(1, sizeof *w);
+    if (!w) return pk_fail(err, PK_E_NOMEM, 0, 0, 0, "allocating the writer");
+    w->buf = malloc(WRITE_BUFFER_SIZE);
+    if (!w->buf) {
+        free(w);
+        return pk_fail(err, PK_E_NOMEM, 0, 0, 0, "allocating the write buffer");
+    }
+    w->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (w->fd < 0) {
+        int e = errno;
+        free(w->buf);
+        free(w);
+        return io_fail(err, e, 0, "creating shard file");
+    }
+    w->flags = flags;
+    w->dict_id = dict_id;
+    pk_xxh64_init(&w->file_hash, 0);
+    pk_header h = {PK_FORMAT_READ_VERSION, PK_FORMAT_VERSION, flags, dict_id};
+    uint8_t hdr[PK_HEADER_SIZE];
+    pk_header_encode(&h, hdr);
+    int rc = emit(w, hdr, sizeof hdr, err);
+    if (rc) {
+        pk_writer_abort(w);
+        return rc;
+    }
+    *out = w;
+    return PK_OK;
+}
+
+uint64_t pk_writer_size(const pk_writer *w) { return w->written + w->buf_len; }
+uint64_t pk_writer_count(const pk_writer *w) { return w->count; }
+
+static int check_codec(const pk_writer *w, uint32_t codec, pk_error *err) {
+    if (codec > PK_CODEC_MAX) return pk_fail(err, PK_E_RANGE, 0, PK_CODEC_MAX, codec, "unknown codec");
+    if (codec != PK_CODEC_NONE && !(w->flags & PK_SHARD_HAS_ZSTD))
+        return pk_fail(err, PK_E_RANGE, 0, 0, codec, "zstd record in a shard opened without PK_SHARD_HAS_ZSTD");
+    if (codec == PK_CODEC_ZSTD_DICT && !(w->flags & PK_SHARD_HAS_DICT))
+        return pk_fail(err, PK_E_RANGE, 0, 0, codec, "dictionary record in a shard opened without a dictionary");
+    return PK_OK;
+}
+
+/* Record an entry for stored bytes that were just emitted at offset. */
+static int add_entry(pk_writer *w, uint64_t offset, uint32_t stored_len, uint32_t raw_len,
+                     uint64_t checksum, uint32_t codec, pk_entry *entry, pk_error *err) {
+    if (w->count >= PK_MAX_RECORDS)
+        return pk_fail(err, PK_E_RANGE, offset, PK_MAX_RECORDS, w->count, "too many records in one shard");
+    size_t need = (size_t)(w->count + 1) * PK_ENTRY_SIZE;
+    if (need > w->index_cap) {
+        size_t cap = w->index_cap ? w->index_cap * 2 : 4096 * PK_ENTRY_SIZE;
+        uint8_t *p = realloc(w->index, cap);
+        if (!p) return pk_fail(err, PK_E_NOMEM, offset, 0, 0, "growing the shard index");
+        w->index = p;
+        w->index_cap = cap;
+    }
+    pk_entry e = {offset, stored_len, raw_len, checksum, codec};
+    pk_entry_encode(&e, w->index + w->count * PK_ENTRY_SIZE);
+    w->count++;
+    w->data_bytes += stored_len;
+    if (entry) *entry = e;
+    return PK_OK;
+}
+
+int pk_writer_append(pk_writer *w, const void *data, uint32_t stored_len, uint32_t raw_len,
+                     uint32_t codec, pk_entry *entry, pk_error *err) {
+    if (!w || w->fd < 0) return pk_fail(err, PK_E_STATE, 0, 0, 0, "writer is closed");
+    int rc = check_codec(w, codec, err);
+    if (rc) return rc;
+    if (stored_len > PK_MAX_RECORD_SIZE || raw_len > PK_MAX_RECORD_SIZE)
+        return pk_fail(err, PK_E_RANGE, 0, PK_MAX_RECORD_SIZE, stored_len > raw_len ? stored_len : raw_len,
+                       "record larger than the format limit");
+    if (codec == PK_CODEC_NONE && stored_len != raw_len)
+        return pk_fail(err, PK_E_RANGE, 0, stored_len, raw_len, "raw length must equal stored length");
+    uint64_t offset = pk_writer_size(w);
+    uint64_t checksum = pk_xxh64(data, stored_len, 0);
+    rc = emit(w, (const uint8_t *)data, stored_len, err);
+    if (rc) return rc;
+    return add_entry(w, offset, stored_len, raw_len, checksum, codec, entry, err);
+}
+
+/* Read exactly len bytes from fd into dst. */
+static int read_exact(int fd, uint8_t *dst, size_t len, int *eof_early) {
+    *eof_early = 0;
+    while (len > 0) {
+        ssize_t n = read(fd, dst, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (n == 0) {
+            *eof_early = 1;
+            return 0;
+        }
+        dst += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int pk_writer_append_file(pk_writer *w, const char *path, pk_entry *entry, pk_error *err) {
+    if (!w || w->fd < 0) return pk_fail(err, PK_E_STATE, 0, 0, 0, "writer is closed");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return io_fail(err, errno, 0, "opening input file");
+    struct stat st;
+    int rc = PK_OK;
+    if (fstat(fd, &st) != 0) {
+        rc = io_fail(err, errno, 0, "stat of input file");
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        rc = io_fail(err, EINVAL, 0, "input is not a regular file");
+        goto out;
+    }
+    if ((uint64_t)st.st_size > PK_MAX_RECORD_SIZE) {
+        rc = pk_fail(err, PK_E_RANGE, 0, PK_MAX_RECORD_SIZE, (uint64_t)st.st_size,
+                     "input file larger than the format's record limit");
+        goto out;
+    }
+    size_t len = (size_t)st.st_size;
+    uint8_t *dst;
+    if (w->buf_len + len <= WRITE_BUFFER_SIZE) {
+        dst = w->buf + w->buf_len; /* read straight into the output buffer */
+    } else {
+        if (len > w->scratch_cap) {
+            uint8_t *p = realloc(w->scratch, len);
+            if (!p) {
+                rc = pk_fail(err, PK_E_NOMEM, 0, 0, len, "allocating a read buffer");
+                goto out;
+            }
+            w->scratch = p;
+            w->scratch_cap = len;
+        }
+        dst = w->scratch;
+    }
+    int eof_early;
+    if (read_exact(fd, dst, len, &eof_early) != 0) {
+        rc = io_fail(err, errno, 0, "reading input file");
+        goto out;
+    }
+    uint8_t probe;
+    ssize_t extra = eof_early ? 0 : read(fd, &probe, 1);
+    if (eof_early || extra != 0) {
+        rc = pk_fail(err, PK_E_RANGE, 0, len, 0, "input file changed size while being read");
+        goto out;
+    }
+    uint64_t offset = pk_writer_size(w);
+    uint64_t checksum = pk_xxh64(dst, len, 0);
+    if (dst == w->buf + w->buf_len) {
+        w->buf_len += len;
+    } else {
+        rc = emit(w, dst, len, err);
+        if (rc) goto out;
+    }
+    rc = add_entry(w, offset, (uint32_t)len, (uint32_t)len, checksum, PK_CODEC_NONE, entry, err);
+out:
+    close(fd);
+    return rc;
+}
+
+static void release(pk_writer *w) {
+    if (w->fd >= 0) close(w->fd);
+    free(w->buf);
+    free(w->index);
+    free(w->scratch);
+    free(w);
+}
+
+int pk_writer_close(pk_writer *w, pk_writer_summary *summary, pk_error *err) {
+    if (!w || w->fd < 0) return pk_fail(err, PK_E_STATE, 0, 0, 0, "writer is closed");
+    pk_footer f;
+    f.index_offset = pk_writer_size(w);
+    f.record_count = w->count;
+    f.index_checksum = pk_xxh64(w->index, (size_t)w->count * PK_ENTRY_SIZE, 0);
+    f.read_version = PK_FORMAT_READ_VERSION;
+    f.write_version = PK_FORMAT_VERSION;
+    f.flags = w->flags;
+    uint8_t foot[PK_FOOTER_SIZE];
+    pk_footer_encode(&f, foot);
+    int rc = emit(w, w->index, (size_t)w->count * PK_ENTRY_SIZE, err);
+    if (!rc) rc = emit(w, foot, sizeof foot, err);
+    if (!rc) rc = flush(w, err);
+    if (!rc && fsync(w->fd) != 0) rc = io_fail(err, errno, w->written, "fsync of shard failed");
+    if (!rc) {
+        int fd = w->fd;
+        w->fd = -1;
+        if (close(fd) != 0) rc = io_fail(err, errno, w->written, "close of shard failed");
+    }
+    if (!rc && summary) {
+        summary->file_size = w->written;
+        summary->record_count = w->count;
+        summary->file_checksum = pk_xxh64_digest(&w->file_hash);
+        summary->data_bytes = w->data_bytes;
+    }
+    release(w);
+    return rc;
+}
+
+void pk_writer_abort(pk_writer *w) {
+    if (w) release(w);
+}
