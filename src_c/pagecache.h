@@ -1,0 +1,147 @@
+/*
+ * pagecache.h -- the node-local page cache: fixed-size blocks of remote objects kept on local disk,
+ * memory-mapped, shared by every process of the node.
+ *
+ * Three files live in the cache directory (docs/cache.md draws them byte by byte):
+ *   pagecache.lock   empty; flock()ed only while a process opens the cache (serialises creation)
+ *   pagecache.index  header + hash buckets + one slot record per block slot, mmap'd read-write by all
+ *   pagecache.data   nslots * block_size bytes, sparse; slot i holds its block at i * block_size
+ *
+ * Every user holds flock(pagecache.index, LOCK_SH) while it has the cache open; an opener that gets
+ * LOCK_EX knows it is alone and may repair or re-size the cache.
+ *
+ * Concurrency: one robust, process-shared mutex in the index guards all metadata (held for
+ * microseconds, never across I/O).  Each slot has its own robust mutex, held by the thread fetching
+ * the block for as long as the slot is PK_PC_FETCHING; waiters block on it.  When a fetcher dies the
+ * kernel marks its mutexes owner-dead, and the next thread to touch the slot takes the claim over.
+ *
+ * Integrity: a block is served only from a READY slot and only after the 64 KiB chunks being read
+ * have been hashed (XXH64) and compared with the sums recorded when the block was published.  A
+ * mismatch caused by concurrent eviction is reported PK_PC_STALE; one with the slot unchanged is
+ * corruption: the slot is dropped and PK_PC_CORRUPT returned.  Either way the caller looks up again.
+ *
+ * Return values: a negative errno on system failure, otherwise 0 or one of the PK_PC_* outcomes.
+ * A pk_pagecache handle may be used from many threads at once and survives fork().
+ */
+#ifndef PACKFMT_PAGECACHE_H
+#define PACKFMT_PAGECACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define PK_PC_LAYOUT_VERSION 1
+#define PK_PC_CHUNK (64u * 1024u)               /* checksum granule; block sizes are multiples */
+#define PK_PC_MIN_BLOCK PK_PC_CHUNK
+#define PK_PC_MAX_BLOCK (64u * 1024u * 1024u)
+#define PK_PC_DEFAULT_BLOCK (4u * 1024u * 1024u)
+#define PK_PC_DEFAULT_CAPACITY (10ull << 30)
+#define PK_PC_LABEL_MAX 256                      /* namespace '\0' object, truncated, for listings */
+
+/* Outcomes (>= 0). */
+enum {
+    PK_PC_OK = 0,
+    PK_PC_READY = 1,    /* lookup: the block is cached; copy from it with the ticket */
+    PK_PC_CLAIMED = 2,  /* lookup: the caller owns the slot; fetch, then publish or abort */
+    PK_PC_BUSY = 3,     /* lookup: another thread/process is fetching it; wait, then look up again */
+    PK_PC_NOSPACE = 4,  /* lookup: every slot is being fetched; fetch without caching */
+    PK_PC_STALE = 5,    /* copy: the slot changed under the reader; look up again */
+    PK_PC_CORRUPT = 6,  /* copy: the cached bytes failed their checksum; the slot was dropped */
+    PK_PC_TIMEDOUT = 7  /* wait: still being fetched; call again */
+};
+
+/* Open flags. */
+#define PK_PC_ADOPT 1   /* use the geometry of an existing cache instead of capacity/block_size */
+
+typedef struct pk_pagecache pk_pagecache;
+
+/* The identity of one block: a 128-bit hash of (namespace, object name, block number), plus a
+ * 64-bit hash of (namespace, object) that groups the blocks of one object in listings. */
+typedef struct pk_pc_key {
+    uint64_t h[2];
+    uint64_t group;
+    uint64_t block;
+} pk_pc_key;
+
+/* What a lookup hands back; passed to copy / publish / abort / wait. */
+typedef struct pk_pc_ticket {
+    int64_t slot;     /* slot index, -1 for PK_PC_NOSPACE */
+    uint64_t gen;     /* slot generation when the ticket was issued */
+    uint64_t length;  /* block length (the last block of an object may be short) */
+} pk_pc_ticket;
+
+/* Node-wide figures, kept in the index since the cache was created. */
+typedef struct pk_pc_counters {
+    uint64_t block_size;
+    uint64_t nslots;
+    uint64_t capacity;        /* budget in bytes: index file + all slots never exceed it */
+    uint64_t index_bytes;
+    uint64_t bytes_used;      /* sum of the lengths of READY blocks */
+    uint64_t blocks_ready;
+    uint64_t blocks_fetching;
+    uint64_t hits;
+    uint64_t misses;
+    uint64_t fetched_bytes;   /* bytes published into the cache */
+    uint64_t evictions;
+    uint64_t corruptions;     /* blocks dropped because a checksum failed */
+    uint64_t waits;           /* lookups that found the block being fetched elsewhere */
+    uint64_t takeovers;       /* claims inherited from a dead fetcher */
+    uint64_t repairs;         /* index repairs after a process died holding the index lock */
+} pk_pc_counters;
+
+/* One READY block, for listings. */
+typedef struct pk_pc_entry {
+    uint64_t group;
+    uint64_t block;
+    uint64_t length;
+    uint32_t label_len;
+    char label[PK_PC_LABEL_MAX];
+} pk_pc_entry;
+
+/* Open (creating if needed) the cache in directory dir, which must exist.  capacity: the budget in
+ * bytes for all three files; block_size: a multiple of PK_PC_CHUNK in [PK_PC_MIN_BLOCK,
+ * PK_PC_MAX_BLOCK].  If the cache exists with another geometry it is rebuilt (emptied) when no other
+ * process has it open, and adopted as it is otherwise; pk_pc_stats() tells what was used. */
+int pk_pc_open(const char *dir, uint64_t capacity, uint64_t block_size, int flags, pk_pagecache **out);
+void pk_pc_close(pk_pagecache *pc);
+
+/* Build the key of block `block` of object `obj` in namespace `ns` (byte strings, any content). */
+void pk_pc_key_make(pk_pc_key *key, const char *ns, size_t ns_len, const char *obj, size_t obj_len,
+                    uint64_t block);
+
+/* Find the block; if absent, claim a slot for it (evicting by CLOCK).  length: the block's expected
+ * length (a cached block of another length is dropped).  label: shown by listings.
+ * Returns PK_PC_READY, PK_PC_CLAIMED, PK_PC_BUSY, PK_PC_NOSPACE or -errno. */
+int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const char *label,
+                 size_t label_len, pk_pc_ticket *t);
+
+/* Copy bytes [off, off+len) of a READY block into out, verifying the checksums of the chunks read.
+ * Returns 0, PK_PC_STALE, PK_PC_CORRUPT or -errno. */
+int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t len, void *out);
+
+/* Store the fetched block (exactly t->length bytes) and make it visible; wakes waiters.  Must be
+ * called by the thread that claimed it.  On failure (disk full, ...) the claim is aborted. */
+int pk_pc_publish(pk_pagecache *pc, const pk_pc_ticket *t, const void *data, uint64_t len);
+
+/* Give a claim up (the fetch failed); wakes waiters, who will claim the block themselves. */
+int pk_pc_abort(pk_pagecache *pc, const pk_pc_ticket *t);
+
+/* Block until the fetch that made lookup return PK_PC_BUSY ends (published, aborted or its owner
+ * died), at most timeout_ms.  Returns 0, PK_PC_TIMEDOUT or -errno (-EDEADLK: waiting on oneself). */
+int pk_pc_wait(pk_pagecache *pc, const pk_pc_ticket *t, int timeout_ms);
+
+int pk_pc_stats(pk_pagecache *pc, pk_pc_counters *st);
+
+/* Copy up to cap READY entries into out; *n receives how many there are in total. */
+int pk_pc_entries(pk_pagecache *pc, pk_pc_entry *out, size_t cap, size_t *n);
+
+/* Drop every READY block and return its space to the filesystem.  Blocks being fetched stay. */
+int pk_pc_clear(pk_pagecache *pc);
+
+/* Where a READY block's bytes are in pagecache.data (for tools and tests).  Returns PK_PC_READY
+ * with *offset / *length set, or 0 if the block is not cached. */
+int pk_pc_locate(pk_pagecache *pc, const pk_pc_key *key, uint64_t *offset, uint64_t *length);
+
+/* For tests only: take the index lock and return holding it (a child then dies holding it). */
+int pk_pc_debug_lock(pk_pagecache *pc);
+
+#endif /* PACKFMT_PAGECACHE_H */
