@@ -1,5 +1,6 @@
 """Properties of the epoch order: permutation, partition, determinism, resumption."""
 
+import os
 import subprocess
 import sys
 
@@ -252,4 +253,5 @@ def test_bad_arguments():
 
 def test_import_packfmt_does_not_import_torch():
     code = "import sys, packfmt, packfmt.shuffle; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the packfmt under test
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
