@@ -83,7 +83,7 @@ def coalesce(ranges: Sequence[Range], max_gap: int = DEFAULT_MAX_GAP,
             if end <= cur[1]:               # fully inside the current request
                 owner[i] = len(requests) - 1
                 continue
-            if off <= cur[1]:               # overlaps: must merge, whatever the size
+            if off < cur[1]:                # overlaps: must merge, whatever the size
                 cur[1] = end
                 owner[i] = len(requests) - 1
                 continue
