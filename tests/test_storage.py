@@ -422,3 +422,26 @@ def test_http_server_without_range_support_is_refused(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_s3_upload_interrupted_by_exit_is_aborted(moto_server, s3_bucket, s3_client):
+    """A process that dies of an uncaught exception (e.g. Ctrl-C) mid-upload leaves no parts behind."""
+    import subprocess
+    import sys
+    script = f"""
+import os, time, boto3
+from packfmt.storage import open_store
+store = open_store("s3://{s3_bucket}/x", dict(endpoint_url="{moto_server.endpoint}", aws_access_key_id="testing",
+                   aws_secret_access_key="testing", region_name="us-east-1", part_size=5 << 20))
+w = store.open_write("shard.pack")
+w.write(os.urandom(11 << 20))
+c = store.client
+while not c.list_parts(Bucket="{s3_bucket}", Key="x/shard.pack", UploadId=w.upload_id).get("Parts"):
+    time.sleep(0.02)
+print("uploading", flush=True)
+raise KeyboardInterrupt
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "uploading" in proc.stdout and "KeyboardInterrupt" in proc.stderr, proc.stderr
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=s3_bucket)
