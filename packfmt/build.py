@@ -1,0 +1,376 @@
+"""``pack build``: pack a directory tree into a dataset, with worker processes and a progress bar.
+
+The tree is walked in a deterministic order (names sorted by code point at every level) and the files
+are cut into shards of consecutive files, planned up front from the file sizes.  Each shard is written
+by one worker; the global index keeps the walk order, whatever the number of workers, so two builds of
+the same tree give the same dataset.
+
+Symlinks: a link to a regular file is packed with the target's content under the link's own key; a
+link to a directory is not followed (reported as skipped); a dangling link is an unreadable file.
+File names must be valid UTF-8 (keys are UTF-8 strings); others are unreadable files too.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import multiprocessing as mp
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from packfmt import _core
+from packfmt import manifest as mf
+from packfmt.errors import PackError, PackOSError
+from packfmt.writer import (DEFAULT_DICT_SIZE, DEFAULT_SHARD_SIZE, Compression, Encoder, Target, finish_dataset,
+                            index_table, parse_size, train_dictionary)
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class BuildReport:
+    files: int = 0
+    input_bytes: int = 0
+    output_bytes: int = 0
+    shards: int = 0
+    seconds: float = 0.0
+    skipped: list = field(default_factory=list)
+    manifest: dict | None = None
+
+    @property
+    def files_per_second(self) -> float:
+        return self.files / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.output_bytes / self.input_bytes if self.input_bytes else 0.0
+
+
+class UnreadableFileError(PackOSError):
+    """A source file could not be packed; ``--skip-errors`` skips such files instead."""
+
+
+def _matches(key: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key.rsplit("/", 1)[-1], p) for p in patterns)
+
+
+def walk(src: str, include=(), exclude=()):
+    """(keys, paths, sizes, skipped) of the regular files under src, in deterministic order."""
+    keys, paths, sizes, skipped = [], [], [], []
+
+    def visit(dirpath: str, prefix: str):
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            skipped.append(Skipped(dirpath, f"cannot list directory: {e.strerror}"))
+            return
+        for e in entries:
+            key = prefix + e.name
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    visit(e.path, key + "/")
+                    continue
+                if e.is_symlink() and e.is_dir(follow_symlinks=True):
+                    skipped.append(Skipped(e.path, "symlink to a directory (not followed)"))
+                    continue
+                if include and not _matches(key, include):
+                    continue
+                if exclude and _matches(key, exclude):
+                    continue
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UnreadableFileError(0, "file name is not valid UTF-8", e.path) from None
+                st = e.stat(follow_symlinks=True)
+                if not stat.S_ISREG(st.st_mode):
+                    skipped.append(Skipped(e.path, "not a regular file"))
+                    continue
+            except UnreadableFileError:
+                raise
+            except FileNotFoundError as err:
+                raise UnreadableFileError(err.errno, "dangling symlink or file vanished", e.path) from None
+            except OSError as err:
+                raise UnreadableFileError(err.errno, err.strerror, e.path) from None
+            keys.append(key)
+            paths.append(e.path)
+            sizes.append(st.st_size)
+
+    if not os.path.isdir(src):
+        raise PackOSError(2, "source is not a directory", src)
+    visit(src, "")
+    return keys, paths, np.asarray(sizes, dtype=np.int64), skipped
+
+
+def plan_shards(sizes: np.ndarray, shard_size: int, ratio: float = 1.0) -> list:
+    """Cut consecutive files into shards: [(start, end), ...] with estimated stored bytes <= shard_size."""
+    est = np.ceil(sizes * ratio).astype(np.int64) + _core.ENTRY_SIZE
+    budget = shard_size - _core.HEADER_SIZE - _core.FOOTER_SIZE
+    plans, start, acc = [], 0, 0
+    for i, s in enumerate(est.tolist()):
+        if i > start and acc + s > budget:
+            plans.append((start, i))
+            start, acc = i, 0
+        acc += s
+    if start < len(est):
+        plans.append((start, len(est)))
+    return plans
+
+
+# -------------------------------------------------------------------- workers
+_progress_files = None
+_progress_bytes = None
+
+
+def _init_worker(files, nbytes):
+    global _progress_files, _progress_bytes
+    _progress_files, _progress_bytes = files, nbytes
+
+
+def _tick(nfiles: int, nbytes: int) -> None:
+    if _progress_files is not None:
+        with _progress_files.get_lock():
+            _progress_files.value += nfiles
+        with _progress_bytes.get_lock():
+            _progress_bytes.value += nbytes
+
+
+def _read_file(path: str, expected: int) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) != expected:
+        raise OSError(0, f"file changed size while being packed ({expected} -> {len(data)} bytes)", path)
+    return data
+
+
+def build_shard(task: dict) -> dict:
+    """Write one shard of consecutive files; returns its index columns and shard info."""
+    paths, sizes = task["paths"], task["sizes"]
+    n = len(paths)
+    compression = Compression.parse(task["compression"])
+    dictionary = None
+    if task["dictionary"] is not None:
+        import zstandard
+        dictionary = zstandard.ZstdCompressionDict(task["dictionary"])
+    encoder = Encoder(compression, dictionary)
+    offsets = np.zeros(n, dtype=np.uint64)
+    stored = np.zeros(n, dtype=np.uint32)
+    raw = np.asarray(sizes, dtype=np.uint32)
+    checksums = np.zeros(n, dtype=np.uint64)
+    flags = np.zeros(n, dtype=np.uint32)
+    ok = np.ones(n, dtype=bool)
+    skipped = []
+    w = _core.ShardWriter(task["path"], encoder.shard_flags, encoder.dict_id)
+    try:
+        if compression.codec == "none":
+            encoded = [os.fsencode(p) for p in paths]
+            pos = 0
+            while pos < n:
+                end = min(pos + 256, n)
+                try:
+                    w.append_files(encoded[:end], pos, offsets, stored, checksums)
+                    _tick(end - pos, int(raw[pos:end].sum()))
+                    pos = end
+                except (OSError, ValueError) as e:
+                    bad = getattr(e, "position", pos)
+                    _tick(bad - pos, int(raw[pos:bad].sum()))
+                    if not task["skip_errors"]:
+                        raise UnreadableFileError(getattr(e, "errno", 0) or 0, _reason(e), paths[bad]) from None
+                    skipped.append(Skipped(paths[bad], _reason(e)))
+                    ok[bad] = False
+                    pos = bad + 1
+        else:
+            for i, p in enumerate(paths):
+                try:
+                    data = _read_file(p, int(sizes[i]))
+                except OSError as e:
+                    if not task["skip_errors"]:
+                        raise UnreadableFileError(e.errno or 0, e.strerror or str(e), p) from None
+                    skipped.append(Skipped(p, e.strerror or str(e)))
+                    ok[i] = False
+                    continue
+                body, codec = encoder.encode(data)
+                offsets[i], stored[i], checksums[i] = w.append(body, len(data), codec)
+                flags[i] = codec
+                if i % 64 == 63:
+                    _tick(64, int(raw[i - 63: i + 1].sum()))
+            _tick(n % 64, int(raw[n - n % 64:].sum()) if n % 64 else 0)
+        info = w.close()
+    except BaseException:
+        w.abort()
+        raise
+    return {"info": info, "ok": ok, "offset": offsets, "stored_len": stored, "raw_len": raw, "checksum": checksums,
+            "flags": flags, "skipped": skipped}
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+class _Progress:
+    """A tqdm bar fed from counters that worker processes bump."""
+
+    def __init__(self, total_bytes: int, total_files: int, enabled: bool):
+        self.files = mp.Value("q", 0)
+        self.bytes = mp.Value("q", 0)
+        self.total_files = total_files
+        self._bar = None
+        self._stop = threading.Event()
+        if enabled:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="packing",
+                             dynamic_ncols=True, smoothing=0.1)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _update(self):
+        b = self._bar
+        b.update(self.bytes.value - b.n)
+        b.set_postfix_str(f"{self.files.value:,}/{self.total_files:,} files", refresh=False)
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            self._update()
+
+    def close(self):
+        if self._bar is not None:
+            self._stop.set()
+            self._thread.join()
+            self._update()
+            self._bar.close()
+
+
+def _estimate_ratio(paths, sizes, encoder: Encoder) -> float:
+    if encoder.codec == _core.CODEC_NONE or not len(paths):
+        return 1.0
+    step = max(1, len(paths) // 200)
+    raw = comp = 0
+    for i in range(0, len(paths), step):
+        try:
+            data = _read_file(paths[i], int(sizes[i]))
+        except OSError:
+            continue
+        body, _ = encoder.encode(data)
+        raw += len(data)
+        comp += len(body)
+    return min(1.0, max(0.02, comp / raw)) if raw else 1.0
+
+
+def _training_samples(paths, sizes, budget: int) -> list:
+    if not len(paths):
+        return []
+    mean = max(1, int(sizes.mean()))
+    count = min(len(paths), max(1, budget // mean), 20000)
+    picks = np.linspace(0, len(paths) - 1, num=count).astype(np.int64)
+    out = []
+    for i in np.unique(picks).tolist():
+        try:
+            out.append(_read_file(paths[i], int(sizes[i])))
+        except OSError:
+            pass
+    return out
+
+
+def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none", workers: int | None = None,
+                  label_from: str | None = None, include=(), exclude=(), skip_errors: bool = False,
+                  overwrite: bool = False, progress: bool = True, dict_size: int = DEFAULT_DICT_SIZE) -> BuildReport:
+    """Pack every regular file under ``src`` into a new dataset at ``dst``; see ``pack build --help``."""
+    t0 = time.perf_counter()
+    shard_size = parse_size(shard_size)
+    compression = Compression.parse(compression)
+    workers = max(1, workers or os.cpu_count() or 1)
+    if label_from not in (None, "parent"):
+        raise ValueError(f"label_from must be None or 'parent', got {label_from!r}")
+    src = os.fspath(src)
+    keys, paths, sizes, skipped = walk(src, include, exclude)
+    target = Target(dst, overwrite=overwrite)
+    target.prepare()
+    report = BuildReport(skipped=list(skipped))
+    pool = None
+    bar = None
+    try:
+        dictionary = None
+        if compression.codec == "zstd-dict":
+            dictionary = train_dictionary(_training_samples(paths, sizes, 100 * dict_size), dict_size,
+                                          compression.level)
+        encoder = Encoder(compression, dictionary)
+        plans = plan_shards(sizes, shard_size, _estimate_ratio(paths, sizes, encoder))
+        dict_bytes = dictionary.as_bytes() if dictionary is not None else None
+        tasks = [{"path": target.created(mf.shard_name(i)), "paths": paths[a:b], "sizes": sizes[a:b],
+                  "compression": str(compression), "dictionary": dict_bytes, "skip_errors": skip_errors}
+                 for i, (a, b) in enumerate(plans)]
+        bar = _Progress(int(sizes.sum()), len(paths), progress)
+        if workers == 1 or len(tasks) <= 1:
+            _init_worker(bar.files, bar.bytes)
+            try:
+                results = [build_shard(t) for t in tasks]
+            finally:
+                _init_worker(None, None)
+        else:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(bar.files, bar.bytes))
+            results = pool.map(build_shard, tasks, chunksize=1)
+            pool.close()
+            pool.join()
+            pool = None
+        bar.close()
+        bar = None
+        manifest = _assemble(target, keys, plans, results, compression, dictionary, label_from, src)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        target.abort()
+        raise
+    for r in results:
+        report.skipped.extend(r["skipped"])
+    report.manifest = manifest
+    report.files = manifest["samples"]
+    report.input_bytes = manifest["stats"]["raw_bytes"]
+    report.output_bytes = manifest["stats"]["total_bytes"] + len(mf.dump(manifest))
+    report.shards = len(manifest["shards"])
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _assemble(target, keys, plans, results, compression, dictionary, label_from, src) -> dict:
+    shards = []
+    cols = {k: [] for k in ("shard", "offset", "stored_len", "raw_len", "checksum", "flags")}
+    kept_keys = []
+    for i, ((a, b), r) in enumerate(zip(plans, results)):
+        ok = r["ok"]
+        info = r["info"]
+        shards.append(mf.ShardInfo(name=mf.shard_name(i), size=info["size"], records=info["records"],
+                                   checksum=info["checksum"], data_bytes=info["data_bytes"]))
+        cols["shard"].append(np.full(int(ok.sum()), i, dtype=np.uint32))
+        for k in ("offset", "stored_len", "raw_len", "checksum", "flags"):
+            cols[k].append(r[k][ok])
+        kept_keys.extend(k for k, good in zip(keys[a:b], ok.tolist()) if good)
+    cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
+    user = {}
+    extra = {"source": {"path": os.path.abspath(src)}}
+    if label_from == "parent":
+        parents = [k.rsplit("/", 1)[0] if "/" in k else "." for k in kept_keys]
+        classes = sorted(set(parents))
+        lookup = {c: i for i, c in enumerate(classes)}
+        user["label"] = pa.array(np.array([lookup[p] for p in parents], dtype=np.int32))
+        extra["labels"] = classes
+    table = index_table(pa.array(kept_keys, type=pa.string()), cat["shard"], cat["offset"], cat["stored_len"],
+                        cat["raw_len"], cat["checksum"], cat["flags"], user)
+    return finish_dataset(target, shards, table, compression, dictionary, extra)
+
+
+__all__ = ["build_dataset", "BuildReport", "walk", "plan_shards", "UnreadableFileError", "PackError"]
