@@ -1,0 +1,223 @@
+# Bindings of the node-local page cache (src_c/pagecache.h).  Included at the end of _core.pyx.
+# A thin layer: packfmt/cache.py orchestrates lookups, fetches and waits.  Every call that can touch
+# the index lock, the disk or a wait runs with the GIL released.
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.errno cimport EDQUOT, EIO, ENOSPC, ESTALE
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport free, malloc
+
+from packfmt.includes.pagecache cimport *
+
+import os as _pc_os
+
+PAGECACHE_LAYOUT_VERSION = PK_PC_LAYOUT_VERSION
+PAGECACHE_CHUNK = PK_PC_CHUNK
+PAGECACHE_MIN_BLOCK = PK_PC_MIN_BLOCK
+PAGECACHE_MAX_BLOCK = PK_PC_MAX_BLOCK
+PAGECACHE_DEFAULT_BLOCK = PK_PC_DEFAULT_BLOCK
+PAGECACHE_DEFAULT_CAPACITY = PK_PC_DEFAULT_CAPACITY
+PAGECACHE_LABEL_MAX = PK_PC_LABEL_MAX
+PC_READY = PK_PC_READY
+PC_CLAIMED = PK_PC_CLAIMED
+PC_BUSY = PK_PC_BUSY
+PC_NOSPACE = PK_PC_NOSPACE
+PC_STALE = PK_PC_STALE
+PC_CORRUPT = PK_PC_CORRUPT
+
+
+cdef int _pc_check(int rc, str what) except -1:
+    """Negative errno -> OSError; outcomes (>= 0) pass through."""
+    if rc < 0:
+        raise OSError(-rc, _pc_os.strerror(-rc), what)
+    return rc
+
+
+cdef class PageCacheTicket:
+    """The outcome of a lookup: a status (PC_READY, PC_CLAIMED, ...) and the slot it refers to."""
+    cdef pk_pc_ticket t
+    cdef readonly int status
+    cdef readonly uint64_t block
+
+    @property
+    def slot(self):
+        return self.t.slot
+
+    @property
+    def length(self):
+        return self.t.length
+
+    def __repr__(self):
+        return f"PageCacheTicket(status={self.status}, block={self.block}, slot={self.t.slot}, length={self.t.length})"
+
+
+cdef class PageCacheHandle:
+    """One process's handle on the cache files in `directory` (low level; see packfmt.cache)."""
+    cdef pk_pagecache *pc
+    cdef readonly str directory
+    cdef readonly uint64_t block_size
+    cdef readonly uint64_t nslots
+    cdef readonly uint64_t capacity
+
+    def __cinit__(self, directory, uint64_t capacity, uint64_t block_size, bint adopt=False):
+        cdef pk_pagecache *pc = NULL
+        cdef pk_pc_counters st
+        cdef int rc
+        cdef int flags = PK_PC_ADOPT if adopt else 0
+        cdef bytes path = _pc_os.fsencode(directory)
+        cdef const char *p = path
+        self.pc = NULL
+        self.directory = _pc_os.fsdecode(path)
+        with nogil:
+            rc = pk_pc_open(p, capacity, block_size, flags, &pc)
+        _pc_check(rc, f"opening the page cache in {self.directory}")
+        self.pc = pc
+        with nogil:
+            rc = pk_pc_stats(pc, &st)
+        _pc_check(rc, "reading page cache stats")
+        self.block_size = st.block_size
+        self.nslots = st.nslots
+        self.capacity = st.capacity
+
+    def __dealloc__(self):
+        if self.pc != NULL:
+            pk_pc_close(self.pc)
+            self.pc = NULL
+
+    def close(self):
+        """Unmap and close.  Not to be called while other threads use the handle."""
+        if self.pc != NULL:
+            pk_pc_close(self.pc)
+            self.pc = NULL
+
+    cdef pk_pagecache *_get(self) except NULL:
+        if self.pc == NULL:
+            raise ValueError("page cache handle is closed")
+        return self.pc
+
+    def lookup(self, bytes ns, bytes obj, uint64_t block, uint64_t length, bytes label):
+        """Find block `block` of (ns, obj), or claim it.  Returns a PageCacheTicket."""
+        cdef pk_pagecache *pc = self._get()
+        cdef PageCacheTicket t = PageCacheTicket.__new__(PageCacheTicket)
+        cdef pk_pc_key key
+        cdef const char *n = ns
+        cdef const char *o = obj
+        cdef const char *l = label
+        cdef size_t nl = len(ns), ol = len(obj), ll = len(label)
+        cdef int rc
+        with nogil:
+            pk_pc_key_make(&key, n, nl, o, ol, block)
+            rc = pk_pc_lookup(pc, &key, length, l, ll, &t.t)
+        t.status = _pc_check(rc, "page cache lookup")
+        t.block = block
+        return t
+
+    def copy(self, PageCacheTicket t, uint64_t off, uint64_t length):
+        """Bytes [off, off+length) of a READY block, verified; None if it went stale or corrupt
+        (t.status then says which) -- look it up again."""
+        cdef pk_pagecache *pc = self._get()
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, length)
+        cdef char *dst = PyBytes_AS_STRING(out)
+        cdef int rc
+        with nogil:
+            rc = pk_pc_copy(pc, &t.t, off, length, dst)
+        if _pc_check(rc, "page cache read"):
+            t.status = rc
+            return None
+        return out
+
+    def copy_into(self, PageCacheTicket t, uint64_t off, uint64_t length, unsigned char[::1] dst,
+                  size_t dst_off):
+        """Like copy(), into dst[dst_off:dst_off+length].  Returns True, or False as copy() None."""
+        cdef pk_pagecache *pc = self._get()
+        cdef int rc
+        if dst_off > <size_t>dst.shape[0] or length > <size_t>dst.shape[0] - dst_off:
+            raise ValueError("destination too small")
+        if length == 0:
+            return True
+        with nogil:
+            rc = pk_pc_copy(pc, &t.t, off, length, &dst[dst_off])
+        if _pc_check(rc, "page cache read"):
+            t.status = rc
+            return False
+        return True
+
+    def publish(self, PageCacheTicket t, const unsigned char[::1] data):
+        """Store a claimed block and wake its waiters.  Returns 0, or -errno if it could not be
+        stored (disk full, ...): the claim is then given up and the caller still has its bytes."""
+        cdef pk_pagecache *pc = self._get()
+        cdef uint64_t n = data.shape[0]
+        cdef int rc
+        if n != t.t.length:
+            raise ValueError(f"block {t.block}: fetched {n} bytes, expected {t.t.length}")
+        with nogil:
+            rc = pk_pc_publish(pc, &t.t, &data[0], n)
+        if rc < 0 and rc != -ENOSPC and rc != -EIO and rc != -EDQUOT:  # then just not cached
+            _pc_check(rc, "page cache publish")
+        return rc
+
+    def abort(self, PageCacheTicket t):
+        """Give a claim up (its fetch failed)."""
+        cdef pk_pagecache *pc = self._get()
+        cdef int rc
+        with nogil:
+            rc = pk_pc_abort(pc, &t.t)
+        if rc < 0 and rc != -ESTALE:  # ESTALE: already given up
+            _pc_check(rc, "page cache abort")
+
+    def wait(self, PageCacheTicket t, int timeout_ms):
+        """Block (GIL released) until the fetch t is waiting for ends; False on timeout."""
+        cdef pk_pagecache *pc = self._get()
+        cdef int rc
+        with nogil:
+            rc = pk_pc_wait(pc, &t.t, timeout_ms)
+        return _pc_check(rc, "waiting for a block another process is fetching") != PK_PC_TIMEDOUT
+
+    def stats(self):
+        cdef pk_pagecache *pc = self._get()
+        cdef pk_pc_counters st
+        cdef int rc
+        with nogil:
+            rc = pk_pc_stats(pc, &st)
+        _pc_check(rc, "reading page cache stats")
+        return dict(block_size=st.block_size, nslots=st.nslots, capacity=st.capacity,
+                    index_bytes=st.index_bytes, bytes_used=st.bytes_used, blocks=st.blocks_ready,
+                    blocks_fetching=st.blocks_fetching, hits=st.hits, misses=st.misses,
+                    fetched_bytes=st.fetched_bytes, evictions=st.evictions, corruptions=st.corruptions,
+                    waits=st.waits, takeovers=st.takeovers, repairs=st.repairs)
+
+    def entries(self):
+        """[(group, block, length, label bytes)] of every READY block."""
+        cdef pk_pagecache *pc = self._get()
+        cdef size_t cap = self.nslots, n = 0, i
+        cdef pk_pc_entry *buf = <pk_pc_entry *>malloc((cap if cap else 1) * sizeof(pk_pc_entry))
+        cdef int rc
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                rc = pk_pc_entries(pc, buf, cap, &n)
+            _pc_check(rc, "listing the page cache")
+            return [(buf[i].group, buf[i].block, buf[i].length, buf[i].label[:buf[i].label_len])
+                    for i in range(min(n, cap))]
+        finally:
+            free(buf)
+
+    def clear(self):
+        cdef pk_pagecache *pc = self._get()
+        cdef int rc
+        with nogil:
+            rc = pk_pc_clear(pc)
+        _pc_check(rc, "clearing the page cache")
+
+    def locate(self, bytes ns, bytes obj, uint64_t block):
+        """(offset in pagecache.data, length) of a cached block, or None."""
+        cdef pk_pagecache *pc = self._get()
+        cdef pk_pc_key key
+        cdef uint64_t off = 0, length = 0
+        cdef int rc
+        pk_pc_key_make(&key, ns, len(ns), obj, len(obj), block)
+        with nogil:
+            rc = pk_pc_locate(pc, &key, &off, &length)
+        if _pc_check(rc, "page cache locate") == PK_PC_READY:
+            return (off, length)
+        return None
