@@ -1,0 +1,189 @@
+/*
+ * limits.c -- the machine's limit for reading samples at given (shard, offset, length) positions.
+ *
+ * benchmarks/random_access.py compiles this with gcc -O2 (linking src_c/checksum.c for XXH64) and
+ * runs it on the SAME random positions, in the same order and batch size, that it asks packfmt
+ * for, so the ratio "packfmt / limit" compares like with like.  One thread; page cache warm.
+ *
+ * Usage: limits REPS BATCH POSITIONS_FILE SHARD...
+ *   POSITIONS_FILE: u64 n, then u32 shard[n], u64 offset[n], u32 len[n] (little-endian, packed).
+ * Output, one line per mode:  MODE best_seconds median_seconds pgpgin_kib samples bytes
+ *
+ * Modes (each copies every sample into an output buffer; the buffer is reused per batch, as a
+ * batch's bytes objects are in Python):
+ *   mmap_memcpy        memcpy from a MAP_POPULATE'd mmap of each shard: the floor for any reader
+ *   mmap_memcpy_xxh64  the same plus XXH64 of each sample (what a verifying reader must add)
+ *   mmap_malloc_memcpy malloc one buffer per sample, memcpy, free them after the batch (object cost)
+ *   pread              one pread(2) per sample into the buffer
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "checksum.h"
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static long pgpgin_kib(void) {
+    FILE *f = fopen("/proc/vmstat", "r");
+    if (!f) return 0;
+    char name[64];
+    long v, out = 0;
+    while (fscanf(f, "%63s %ld", name, &v) == 2) {
+        if (strcmp(name, "pgpgin") == 0) {
+            out = v;
+            break;
+        }
+    }
+    fclose(f);
+    return out;
+}
+
+static void die(const char *what) {
+    perror(what);
+    exit(2);
+}
+
+static uint64_t n;
+static uint32_t *shard;
+static uint64_t *offset;
+static uint32_t *len;
+static int nshards;
+static int *fds;
+static const uint8_t **maps;
+static size_t batch;
+static uint8_t *out;
+static volatile uint64_t sink;
+
+enum mode { MMAP_MEMCPY, MMAP_MEMCPY_XXH64, MMAP_MALLOC_MEMCPY, PREAD, NMODES };
+static const char *mode_name[NMODES] = {"mmap_memcpy", "mmap_memcpy_xxh64", "mmap_malloc_memcpy", "pread"};
+
+/* One pass over all positions; returns a value depending on every byte copied (no dead code). */
+static uint64_t pass(enum mode m) {
+    uint64_t acc = 0;
+    uint8_t **bufs = malloc(batch * sizeof *bufs);
+    if (!bufs) die("malloc");
+    for (uint64_t a = 0; a < n; a += batch) {
+        uint64_t b = a + batch < n ? a + batch : n;
+        size_t pos = 0;
+        for (uint64_t i = a; i < b; i++) {
+            uint32_t l = len[i];
+            const uint8_t *src = maps[shard[i]] + offset[i];
+            uint8_t *dst = out + pos;
+            switch (m) {
+            case MMAP_MEMCPY:
+                memcpy(dst, src, l);
+                break;
+            case MMAP_MEMCPY_XXH64:
+                memcpy(dst, src, l);
+                acc += pk_xxh64(dst, l, 0);
+                break;
+            case MMAP_MALLOC_MEMCPY:
+                dst = bufs[i - a] = malloc(l ? l : 1);
+                if (!dst) die("malloc");
+                memcpy(dst, src, l);
+                break;
+            case PREAD: {
+                ssize_t got = pread(fds[shard[i]], dst, l, (off_t)offset[i]);
+                if (got != (ssize_t)l) die("pread");
+                break;
+            }
+            default:
+                break;
+            }
+            if (l) acc += dst[l - 1];
+            pos += l;
+        }
+        if (m == MMAP_MALLOC_MEMCPY)
+            for (uint64_t i = a; i < b; i++) free(bufs[i - a]);
+    }
+    free(bufs);
+    return acc;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 5) {
+        fprintf(stderr, "usage: %s REPS BATCH POSITIONS_FILE SHARD...\n", argv[0]);
+        return 2;
+    }
+    int reps = atoi(argv[1]);
+    batch = (size_t)atol(argv[2]);
+    if (reps < 1 || batch < 1) return 2;
+    FILE *f = fopen(argv[3], "rb");
+    if (!f) die(argv[3]);
+    if (fread(&n, 8, 1, f) != 1) die("positions header");
+    shard = malloc(n * 4 + 1);
+    offset = malloc(n * 8 + 1);
+    len = malloc(n * 4 + 1);
+    if (!shard || !offset || !len) die("malloc");
+    if (fread(shard, 4, n, f) != n || fread(offset, 8, n, f) != n || fread(len, 4, n, f) != n)
+        die("positions body");
+    fclose(f);
+
+    nshards = argc - 4;
+    fds = calloc((size_t)nshards, sizeof *fds);
+    maps = calloc((size_t)nshards, sizeof *maps);
+    off_t *sizes = calloc((size_t)nshards, sizeof *sizes);
+    for (int s = 0; s < nshards; s++) {
+        fds[s] = open(argv[4 + s], O_RDONLY);
+        if (fds[s] < 0) die(argv[4 + s]);
+        struct stat st;
+        if (fstat(fds[s], &st)) die("fstat");
+        sizes[s] = st.st_size;
+        void *m = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED | MAP_POPULATE, fds[s], 0);
+        if (m == MAP_FAILED) die("mmap");
+        maps[s] = m;
+    }
+    size_t out_cap = 1;
+    for (uint64_t a = 0; a < n; a += batch) {
+        size_t sum = 0;
+        for (uint64_t i = a; i < n && i < a + batch; i++) {
+            if (shard[i] >= (uint32_t)nshards || offset[i] + len[i] > (uint64_t)sizes[shard[i]]) {
+                fprintf(stderr, "position %llu outside its shard\n", (unsigned long long)i);
+                return 2;
+            }
+            sum += len[i];
+        }
+        if (sum > out_cap) out_cap = sum;
+    }
+    out = malloc(out_cap);
+    if (!out) die("malloc");
+    memset(out, 0, out_cap);
+    uint64_t bytes = 0;
+    for (uint64_t i = 0; i < n; i++) bytes += len[i];
+
+    double *t = malloc((size_t)reps * sizeof *t);
+    for (int m = 0; m < NMODES; m++) {
+        sink += pass((enum mode)m); /* warm-up: caches, TLB, malloc arenas */
+        long k = 0;
+        for (int r = 0; r < reps; r++) {
+            long k0 = pgpgin_kib();
+            double t0 = now();
+            sink += pass((enum mode)m);
+            t[r] = now() - t0;
+            k += pgpgin_kib() - k0;
+        }
+        qsort(t, (size_t)reps, sizeof *t, cmp_double);
+        printf("%s %.9f %.9f %ld %llu %llu\n", mode_name[m], t[0], t[reps / 2], k, (unsigned long long)n,
+               (unsigned long long)bytes);
+        fflush(stdout);
+    }
+    return 0;
+}
