@@ -151,12 +151,26 @@ typedef struct pk_error {
 static inline uint16_t pk_load_le16(const uint8_t *p) {
     return (uint16_t)(p[0] | (uint16_t)p[1] << 8);
 }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+/* On little-endian hosts a memcpy compiles to one unaligned load (the checksum's hot loop). */
+static inline uint32_t pk_load_le32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline uint64_t pk_load_le64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+#else
 static inline uint32_t pk_load_le32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 static inline uint64_t pk_load_le64(const uint8_t *p) {
     return (uint64_t)pk_load_le32(p) | (uint64_t)pk_load_le32(p + 4) << 32;
 }
+#endif
 static inline void pk_store_le16(uint8_t *p, uint16_t v) {
     p[0] = (uint8_t)v;
     p[1] = (uint8_t)(v >> 8);
