@@ -108,7 +108,7 @@ class _Reader:
             samples = [t(s) for s in samples]
         if self.label is None:
             return samples
-        labels = self.labels()[np.asarray(indices, dtype=np.int64)]
+        labels = self.labels()[np.asarray(indices, dtype=np.int64)].tolist()  # Python scalars collate fastest
         return list(zip(samples, labels))
 
     def __getstate__(self):
