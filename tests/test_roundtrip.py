@@ -115,7 +115,7 @@ def test_roundtrip(tmp_path_factory, recs, keys, compression, shard_size, use_mm
     assert np.all((ds.codecs != 0) <= (ds.stored_lengths < ds.raw_lengths))
 
 
-@settings(max_examples=4)
+@settings(max_examples=max(4, settings.default.max_examples // 25))
 @given(
     sizes=st.lists(st.sampled_from([0, 1, MiB - 1, MiB, MiB + 1, 3 * MiB + 17, 5 * MiB]), min_size=1, max_size=4),
     compression=st.sampled_from(["none", "zstd", "zstd-dict"]),
