@@ -2,7 +2,8 @@
 """Write the golden datasets in tests/data/golden/ that freeze format version 1.
 
     python tools/make_golden.py            # (re)write tests/data/golden/
-    python tools/make_golden.py --check    # write into a temporary directory and compare, change nothing
+    python tools/make_golden.py --check    # write into a temporary directory and compare bytes, change nothing
+                                           # (index.arrow bytes also depend on the pyarrow version)
 
 Only run it to write when the format changes on purpose (and the format version with it): the files it
 writes are what tests/test_golden.py compares every future build against.  The output is deterministic:
