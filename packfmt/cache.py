@@ -57,7 +57,7 @@ class PageCache:
     """A handle on the shared page cache in ``directory`` (default: :func:`default_cache_dir`).
 
     ``capacity`` is the budget in bytes (or ``"10GiB"``) for everything the cache keeps on disk;
-    ``block_size`` (1-8 MiB recommended; any multiple of 64 KiB from 64 KiB to 64 MiB) the unit of
+    ``block_size`` (1-8 MiB recommended; any multiple of 16 KiB from 64 KiB to 16 MiB) the unit of
     fetching and eviction.  Leaving both out adopts an existing cache's settings (else 10 GiB /
     4 MiB, or ``$PACKFMT_CACHE_CAPACITY``).  A cache that other processes have open keeps the
     settings it was created with; :meth:`stats` tells which are in force.
@@ -169,18 +169,25 @@ class PageCache:
         pending = sorted(pieces)
         while pending:
             claimed, busy, again = [], [], []
-            for b in pending:
-                t = h.lookup(ns, obj, b, min(bs, object_size - b * bs), label)
-                st = t.status
-                if st == READY:
-                    if self._serve_cached(h, t, pieces[b], results, multi):
-                        self._local["hits"] += 1
-                    else:
-                        again.append(b)       # evicted or corrupt meanwhile: look up again
-                elif st == BUSY:
-                    busy.append(t)
-                else:                         # PC_CLAIMED, or PC_NOSPACE (fetch, don't cache)
-                    claimed.append((b, t if st == CLAIMED else None))
+            try:
+                for b in pending:
+                    t = h.lookup(ns, obj, b, min(bs, object_size - b * bs), label)
+                    st = t.status
+                    if st == READY:
+                        if self._serve_cached(h, t, pieces[b], results, multi):
+                            self._local["hits"] += 1
+                        else:
+                            again.append(b)       # evicted or corrupt meanwhile: look up again
+                    elif st == BUSY:
+                        busy.append(t)
+                    else:                         # PC_CLAIMED, or PC_NOSPACE (fetch, don't cache)
+                        claimed.append((b, t if st == CLAIMED else None))
+            except BaseException:
+                # A claim must never outlive this call: other processes would wait for it forever.
+                for _, t in claimed:
+                    if t is not None:
+                        h.abort(t)
+                raise
             if claimed:
                 self._fetch(h, object_size, bs, claimed, fetch, pieces, results, multi)
             for t in busy:

@@ -642,9 +642,9 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
 {
     uint64_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK];
     uint64_t c, c0, c1, base;
-    uint8_t *dst = out, *scratch = NULL;
+    uint8_t *dst = out;
     pc_slot *s;
-    int rc, bad = 0;
+    int rc, bad = 0, partial = 0;
 
     if (t->slot < 0 || (uint64_t)t->slot >= pc->nslots || off > t->length || len > t->length - off)
         return -EINVAL;
@@ -661,25 +661,30 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
     s->ref = 1;
     gunlock(pc);
 
-    /* Copy first, then hash the copy: what is verified is exactly what the caller gets. */
     base = (uint64_t)t->slot * pc->bs;
     for (c = c0; c <= c1 && !bad; c++) {
         uint64_t cs = c * PK_PC_CHUNK;
         uint64_t ce = cs + PK_PC_CHUNK < t->length ? cs + PK_PC_CHUNK : t->length;
         if (cs >= off && ce <= off + len) {
+            /* A whole chunk: copy, then hash the copy -- what is verified is what the caller gets. */
             uint8_t *d = dst + (cs - off);
             memcpy(d, pc->data + base + cs, ce - cs);
             bad = pk_xxh64(d, ce - cs, 0) != sums[c];
-        } else { /* a chunk the range only partly covers: verify it whole in a scratch buffer */
+        } else {
+            /* Part of a chunk: verify the whole chunk in place, then copy the part.  The slot cannot
+             * be rewritten between the two unless it is first evicted, which bumps its generation:
+             * checked below, after the copies (a seqlock read). */
             uint64_t from = cs > off ? cs : off;
             uint64_t to = ce < off + len ? ce : off + len;
-            if (!scratch && !(scratch = malloc(PK_PC_CHUNK))) return -ENOMEM;
-            memcpy(scratch, pc->data + base + cs, ce - cs);
-            bad = pk_xxh64(scratch, ce - cs, 0) != sums[c];
-            memcpy(dst + (from - off), scratch + (from - cs), to - from);
+            bad = pk_xxh64(pc->data + base + cs, ce - cs, 0) != sums[c];
+            memcpy(dst + (from - off), pc->data + base + from, to - from);
+            partial = 1;
         }
     }
-    free(scratch);
+    if (!bad && partial) {
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&s->gen, __ATOMIC_RELAXED) != t->gen) return PK_PC_STALE;
+    }
     if (!bad) return 0;
 
     if ((rc = glock(pc))) return rc;
@@ -789,14 +794,23 @@ int pk_pc_wait(pk_pagecache *pc, const pk_pc_ticket *t, int timeout_ms)
     if (t->slot < 0 || (uint64_t)t->slot >= pc->nslots) return -EINVAL;
     s = slot_at(pc, (uint64_t)t->slot);
     if (__atomic_load_n(&s->gen, __ATOMIC_ACQUIRE) != t->gen) return 0; /* already moved on */
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
+#define PC_WAIT_CLOCK CLOCK_MONOTONIC /* immune to wall-clock jumps */
+#else
+#define PC_WAIT_CLOCK CLOCK_REALTIME /* what pthread_mutex_timedlock measures */
+#endif
+    clock_gettime(PC_WAIT_CLOCK, &ts);
     ts.tv_sec += timeout_ms / 1000;
     ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
     if (ts.tv_nsec >= 1000000000L) {
         ts.tv_sec++;
         ts.tv_nsec -= 1000000000L;
     }
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 30))
     rc = pthread_mutex_clocklock(&s->fetch.m, CLOCK_MONOTONIC, &ts);
+#else
+    rc = pthread_mutex_timedlock(&s->fetch.m, &ts);
+#endif
     if (rc == ETIMEDOUT) return PK_PC_TIMEDOUT;
     if (rc == EOWNERDEAD) { /* the fetcher died; the next lookup inherits its claim */
         pthread_mutex_consistent(&s->fetch.m);

@@ -169,17 +169,17 @@ def test_namespace_separation(cdir, tmp_path):
 def test_corrupt_block_on_disk_is_refetched(cdir, tmp_path):
     log = str(tmp_path / "log")
     blob = blob_of("c", 4 * BS)
-    pc = PageCache(cdir, capacity=4 << 20, block_size=4 * BS)  # 4 checksum chunks per block
+    pc = PageCache(cdir, capacity=4 << 20, block_size=4 * BS)  # 16 checksum chunks per block
     fetch = CountingFetch(blob, log, bs=4 * BS)
     pc.read("ns", "c", len(blob), [(0, 10)], fetch)
     path, off, length = pc.locate("ns", "c", 0)
     assert length == 4 * BS
-    with open(path, "r+b") as f:  # flip one byte in the last chunk
+    with open(path, "r+b") as f:  # flip one byte in the last quarter
         f.seek(off + 3 * BS + 77)
         b = f.read(1)
         f.seek(off + 3 * BS + 77)
         f.write(bytes([b[0] ^ 0xFF]))
-    assert bytes(pc.read("ns", "c", len(blob), [(5, 10)], fetch)[0]) == blob[5:15]  # chunk 0 is fine
+    assert bytes(pc.read("ns", "c", len(blob), [(5, 10)], fetch)[0]) == blob[5:15]  # the first chunk is fine
     assert len(fetched(log)) == 1
     got = pc.read("ns", "c", len(blob), [(3 * BS + 70, 10)], fetch)[0]
     assert bytes(got) == blob[3 * BS + 70:3 * BS + 80]
@@ -484,3 +484,29 @@ def test_fork_inherits_open_cache(cdir, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert sorted(fetched(log)) == [("fk", "0"), ("fk", "1")]
     assert pc.stats()["blocks"] == 2
+
+
+def test_interrupted_lookup_gives_claims_back(cdir):
+    """An exception between claiming and fetching (Ctrl-C, say) must not leave claims behind."""
+    blob = blob_of("i", 4 * BS)
+    pc = PageCache(cdir, capacity=4 << 20, block_size=BS)
+    real = pc._h()
+
+    class Interrupting:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def lookup(self, *a):
+            Interrupting.calls += 1
+            if Interrupting.calls == 3:
+                raise KeyboardInterrupt
+            return real.lookup(*a)
+
+    pc._handle = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        pc.read("ns", "i", len(blob), [(0, len(blob))], lambda rs: [blob[o:o + n] for o, n in rs])
+    assert pc.stats()["blocks_fetching"] == 0
+    pc._handle = real
+    assert bytes(pc.read("ns", "i", len(blob), [(0, len(blob))], lambda rs: [blob[o:o + n] for o, n in rs])[0]) == blob

@@ -196,11 +196,11 @@ static void test_corruption(void)
     snprintf(path, sizeof path, "%s/pagecache.data", dir);
     fd = open(path, O_WRONLY);
     CHECK(fd >= 0);
-    CHECK(pwrite(fd, "X", 1, (off_t)(off + 3 * BS + 1000)) == 1); /* one byte, in chunk 3 */
+    CHECK(pwrite(fd, "X", 1, (off_t)(off + 3 * BS + 1000)) == 1); /* one byte, in the last quarter */
     close(fd);
 
     CHECK(pk_pc_lookup(pc, &k, sizeof data, "", 0, &t) == PK_PC_READY);
-    CHECK(pk_pc_copy(pc, &t, 0, 100, out) == 0); /* chunk 0 is intact */
+    CHECK(pk_pc_copy(pc, &t, 0, 100, out) == 0); /* the first chunk is intact */
     /* the range stops short of the bad byte, but its chunk is verified whole */
     CHECK(pk_pc_copy(pc, &t, 2 * BS, BS + 10, out) == PK_PC_CORRUPT);
     CHECK(pk_pc_locate(pc, &k, &off, &len) == 0);
