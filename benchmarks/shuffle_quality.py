@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/shuffle_quality.py [--n 200000] [--shard-size 2000] [--batch 256] [--classes 100]
+    python benchmarks/shuffle_quality.py [--n 200000] [--shard-size 2000] [--batch 256] [--classes 1000] [--out docs/shuffle.md]
 
 No dataset is read: the statistics are functions of the order alone.  The
 simulated dataset has ``n`` samples stored in index order, ``shard-size``
@@ -42,7 +42,13 @@ import tracemalloc
 
 import numpy as np
 
-from packfmt.shuffle import EpochOrder, make_blocks
+import os
+import sys
+
+from packfmt.shuffle import EpochOrder
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import describe_machine, log, machine_info, markdown_table, update_markdown_section  # noqa: E402
 
 
 def runs_per_batch(seq, batch, gap=1):
@@ -93,7 +99,10 @@ def main():
     ap.add_argument("--gap", type=int, default=16)
     ap.add_argument("--big-n", type=int, default=100_000_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", action="append", default=[], metavar="MD",
+                    help="also write the tables into this markdown file's 'shuffle_quality' section (repeatable)")
     args = ap.parse_args()
+    info = machine_info()
     n, batch, classes = args.n, args.batch, args.classes
     bounds = np.arange(0, n, args.shard_size)
     shard_of = np.repeat(np.arange(bounds.size), np.diff(np.append(bounds, n)))
@@ -104,16 +113,13 @@ def main():
     for bs, win in [(16, 16), (64, 4), (64, 16), (64, 64), (256, 4), (256, 16)]:
         configs.append((f"block {bs}x{win}", {"block_size": bs, "window": win}))
 
-    print(f"n={n} samples, {bounds.size} shards of {args.shard_size}, batch={batch}, {classes} contiguous classes")
     expect_classes = classes * (1 - (1 - 1 / classes) ** batch)
-    print(f"uniform expectation: classes/batch ~ {expect_classes:.1f}, |displacement|/n = 0.333, "
-          f"nbr pairs ~ {2 / n:.2e}, epoch corr ~ 0\n")
-    head = (f"{'mode':<16}{'ranges/batch':>13}{'reads/batch':>12}{'shards/batch':>13}{'classes/batch':>14}{'cls (mixed)':>12}"
-            f"{'|disp|/n':>9}{'nbr pairs':>10}{'epoch corr':>11}{'ns/sample':>10}{'peak MiB':>9}"
-            f"{'reads vs global':>16}")
-    print(head)
-    print("-" * len(head))
-    rows = {}
+    intro = (f"n = {n:,} samples in {bounds.size} shards of {args.shard_size:,}, batches of {batch}, {classes} "
+             f"classes stored contiguously; reads merge records up to {args.gap} apart. Uniform expectation: "
+             f"classes/batch ~ {expect_classes:.1f}, abs displacement/n = 0.333, neighbour pairs ~ {2 / n:.1e}, "
+             f"epoch correlation ~ 0. Machine: {describe_machine(info)}.")
+    print(intro)
+    rows, res = [], {}
     for name, extra in configs:
         mode = name.split()[0]
         kw = dict(n=n, seed=args.seed, mode=mode, shard_boundaries=bounds, **extra)
@@ -130,17 +136,19 @@ def main():
             "corr": spearman_positions(e0, e1),
         }
         r["ns"], r["peak"] = timed_epoch(kw, batch)
-        rows[name] = r
-        ratio = r["reads"] / rows["global"]["reads"] if "global" in rows else float("nan")
-        print(f"{name:<16}{r['ranges']:>13.1f}{r['reads']:>12.1f}{r['shards']:>13.1f}{r['classes']:>14.1f}{r['mixed']:>12.1f}"
-              f"{r['disp']:>9.3f}{r['nbr']:>10.2e}{r['corr']:>11.3f}{r['ns']:>10.1f}{r['peak'] / 2**20:>9.2f}"
-              f"{ratio:>16.3f}")
-    blocks = make_blocks(n, 64, bounds).size - 1
-    print(f"\n(block mode keeps {blocks} block starts for block_size=64: O(n/block_size) memory; "
-          f"global keeps a 4-byte-per-sample permutation: {4 * n / 2**20:.2f} MiB; feistel and none: O(1).)")
+        res[name] = r
+        log(f"{name}: done")
+    for name, r in res.items():
+        rows.append([name, f"{r['ranges']:.1f}", f"{r['reads']:.1f}", f"{r['reads'] / res['global']['reads']:.3f}",
+                     f"{r['shards']:.1f}", f"{r['classes']:.1f}", f"{r['mixed']:.1f}", f"{r['disp']:.3f}",
+                     f"{r['nbr']:.1e}", f"{r['corr']:.3f}", f"{r['ns']:.0f}", f"{r['peak'] / 2**20:.1f}"])
+    table = markdown_table(["mode", "ranges/batch", "reads/batch", "reads vs global", "shards/batch",
+                            "classes/batch", "cls (mixed)", "abs disp/n", "nbr pairs", "epoch corr",
+                            "ns/sample", "peak MiB"], rows)
+    print(table)
 
     big = args.big_n
-    print(f"\nstarting an epoch at n={big:,} (rank 0 of 8): time to the first batch, peak memory (tracemalloc)")
+    big_rows = []
     for mode in ("global", "feistel", "block", "none"):
         tracemalloc.start()
         t = time.perf_counter()
@@ -149,7 +157,17 @@ def main():
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert first.size == batch
-        print(f"  {mode:<8} {dt * 1e3:9.1f} ms {peak / 2**20:10.2f} MiB")
+        big_rows.append([mode, f"{dt * 1e3:,.1f}", f"{peak / 2**20:,.1f}"])
+    big_table = markdown_table(["mode", "ms to first batch", "peak MiB"], big_rows)
+    big_intro = (f"Starting an epoch at n = {big:,} (rank 0 of 8, block mode with 64x16): time to the first "
+                 f"batch and peak memory (tracemalloc).")
+    print("\n" + big_intro + "\n" + big_table)
+    body = (intro + "\n\n" + table + "\n\n" + big_intro + "\n\n" + big_table +
+            f"\n\nCommand: `python benchmarks/shuffle_quality.py --n {n} --shard-size {args.shard_size} "
+            f"--batch {batch} --classes {classes} --gap {args.gap} --big-n {big}`\n")
+    for path in args.out:
+        update_markdown_section(path, "shuffle_quality", "Shuffle quality vs locality (benchmarks/shuffle_quality.py)",
+                                body)
 
 
 if __name__ == "__main__":
