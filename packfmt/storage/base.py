@@ -17,7 +17,7 @@ import errno
 import os
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import ranges as _ranges
@@ -54,6 +54,10 @@ class ObjectNotFoundError(RemoteReadError, FileNotFoundError):
 
     def __init__(self, message: str, url: str = "", byte_range=None, err: int = errno.ENOENT):
         super().__init__(message, url, byte_range, err)
+
+
+class _Abandoned(Exception):
+    """Another range of the same call failed for good: this one stops retrying (not transient)."""
 
 
 class StoreStats:
@@ -243,8 +247,10 @@ class Store:
         """One HEAD request (never a LIST)."""
         return self._retrying(lambda: self._head(name), name, "HEAD") is not None
 
-    def _fetch_checked(self, name: str, offset: int, length: int) -> bytes:
+    def _fetch_checked(self, name: str, offset: int, length: int, abandon=None) -> bytes:
         def attempt():
+            if abandon is not None and abandon.is_set():
+                raise _Abandoned()
             data = self._get_range(name, offset, length)
             if len(data) != length:
                 raise ShortReadError(f"got {len(data)} bytes, expected {length}")
@@ -279,15 +285,23 @@ class Store:
             results = [self._fetch_checked(plans[pi][0], off, n)]
         else:
             pool = self._executor()
-            futures = [pool.submit(self._fetch_checked, plans[pi][0], off, n) for pi, ri, (off, n) in jobs]
-            results = []
+            abandon = threading.Event()
+            futures = [pool.submit(self._fetch_checked, plans[pi][0], off, n, abandon)
+                       for pi, ri, (off, n) in jobs]
             try:
-                for f in futures:
-                    results.append(f.result())
-            except BaseException:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:          # e.g. KeyboardInterrupt while waiting
+                abandon.set()
+                raise
+            failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+            if failed:
+                # One range failed for good: stop the others retrying, and let none outlive this call.
+                abandon.set()
                 for f in futures:
                     f.cancel()
-                raise
+                wait(futures)
+                raise failed[0].exception()
+            results = [f.result() for f in futures]
         parts: Dict[Tuple[int, int], list] = {}
         for (pi, ri, _), data in zip(jobs, results):
             parts.setdefault((pi, ri), []).append(data)
