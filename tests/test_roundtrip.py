@@ -215,7 +215,7 @@ def test_user_columns(tmp_path_factory, n, spec, data):
             assert arr.dtype.kind == "i" and arr.tolist() == want
         if kind in ("int", "float") and any(w is None for w in want):
             # missing numeric values come back as NaN
-            assert all(math.isnan(a) if w is None else a == w for a, w in zip(arr.tolist(), want))
+            assert all(math.isnan(a) if w is None else a == float(w) for a, w in zip(arr.tolist(), want)), (arr, want)
     assert ds.manifest["index"]["columns"] == [c for c in ds.index.schema.names
                                                if c not in ("key", "shard", "offset", "stored_len", "raw_len",
                                                             "checksum", "flags")]
