@@ -107,7 +107,9 @@ cdef class ShardWriter:
     cdef pk_writer *w
     cdef readonly object path
 
-    def __cinit__(self, path, uint32_t flags=0, uint32_t dict_id=0):
+    def __cinit__(self, path, uint32_t flags=0, uint32_t dict_id=0, int fd=-1):
+        """Create the shard file at path; or, with fd >= 0, write to that descriptor (taking ownership;
+        path then only names the shard in errors)."""
         cdef pk_error err
         clear_error(&err)
         self.path = os.fspath(path)
@@ -115,7 +117,10 @@ cdef class ShardWriter:
         cdef const char *cpath = bpath
         cdef int rc
         with nogil:
-            rc = pk_writer_open(cpath, flags, dict_id, &self.w, &err)
+            if fd >= 0:
+                rc = pk_writer_open_fd(fd, flags, dict_id, &self.w, &err)
+            else:
+                rc = pk_writer_open(cpath, flags, dict_id, &self.w, &err)
         check_status(rc, &err, self.path)
 
     def __dealloc__(self):
@@ -484,3 +489,7 @@ def verify_buffers(list bufs, const uint64_t[::1] checksums, names=None, samples
     finally:
         free(ptrs)
         free(lens)
+
+
+# --- the node-local page cache (src_c/pagecache.h), see packfmt/cache.py
+include "_pagecache.pxi"

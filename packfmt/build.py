@@ -169,7 +169,7 @@ def build_shard(task: dict) -> dict:
     flags = np.zeros(n, dtype=np.uint32)
     ok = np.ones(n, dtype=bool)
     skipped = []
-    w = _core.ShardWriter(task["path"], encoder.shard_flags, encoder.dict_id)
+    w = task["target"].open_shard(task["name"], encoder.shard_flags, encoder.dict_id)
     try:
         if compression.codec == "none":
             encoded = [os.fsencode(p) for p in paths]
@@ -284,7 +284,8 @@ def _training_samples(paths, sizes, budget: int) -> list:
 
 def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none", workers: int | None = None,
                   label_from: str | None = None, include=(), exclude=(), skip_errors: bool = False,
-                  overwrite: bool = False, progress: bool = True, dict_size: int = DEFAULT_DICT_SIZE) -> BuildReport:
+                  overwrite: bool = False, progress: bool = True, dict_size: int = DEFAULT_DICT_SIZE,
+                  storage_options: dict | None = None) -> BuildReport:
     """Pack every regular file under ``src`` into a new dataset at ``dst``; see ``pack build --help``."""
     t0 = time.perf_counter()
     shard_size = parse_size(shard_size)
@@ -294,7 +295,7 @@ def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none"
         raise ValueError(f"label_from must be None or 'parent', got {label_from!r}")
     src = os.fspath(src)
     keys, paths, sizes, skipped = walk(src, include, exclude)
-    target = Target(dst, overwrite=overwrite)
+    target = Target(dst, overwrite=overwrite, storage_options=storage_options)
     target.prepare()
     report = BuildReport(skipped=list(skipped))
     pool = None
@@ -307,7 +308,10 @@ def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none"
         encoder = Encoder(compression, dictionary)
         plans = plan_shards(sizes, shard_size, _estimate_ratio(paths, sizes, encoder))
         dict_bytes = dictionary.as_bytes() if dictionary is not None else None
-        tasks = [{"path": target.created(mf.shard_name(i)), "paths": paths[a:b], "sizes": sizes[a:b],
+        names = [mf.shard_name(i) for i in range(len(plans))]
+        for name in names:
+            target.created(name)
+        tasks = [{"target": target, "name": names[i], "paths": paths[a:b], "sizes": sizes[a:b],
                   "compression": str(compression), "dictionary": dict_bytes, "skip_errors": skip_errors}
                  for i, (a, b) in enumerate(plans)]
         bar = _Progress(int(sizes.sum()), len(paths), progress)

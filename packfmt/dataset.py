@@ -37,7 +37,7 @@ _open_datasets: "weakref.WeakSet[Dataset]" = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     # Shard handles (fds, maps, a mutex) are per process: the child opens its own on first use.
     for ds in list(_open_datasets):
-        ds.__dict__.pop("_shardset", None)
+        ds.__dict__.pop("_shardset", None)  # remote readers re-create their clients themselves
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -61,13 +61,14 @@ def open(url, **options) -> "Dataset":  # noqa: A001 - the natural name, like io
     return Dataset(url, **options)
 
 
-def _local_dir(url) -> str:
-    url = os.fspath(url)
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if "://" in url:
-        raise ValueError(f"{url}: unsupported URL scheme")
-    return url
+class _ShardNames:
+    """Names the shard and offset of batch item k, for error messages (built only on error)."""
+
+    def __init__(self, paths, shard, offsets):
+        self.paths, self.shard, self.offsets = paths, shard, offsets
+
+    def __getitem__(self, k):
+        return f"{self.paths[int(self.shard[k])]} at offset {int(self.offsets[k])}"
 
 
 class Dataset:
@@ -76,55 +77,63 @@ class Dataset:
     Picklable (the child re-opens lazily) and safe across ``fork``.
     """
 
-    def __init__(self, url, *, mmap: bool = True, verify: bool = True, max_gap: int = 64 << 10,
-                 max_read: int = 8 << 20, decompress_threads: int = 0):
-        self.url = os.fspath(url)
-        self._options = dict(mmap=mmap, verify=verify, max_gap=max_gap, max_read=max_read,
-                             decompress_threads=decompress_threads)
+    def __init__(self, url, *, storage_options: dict | None = None, cache=None, mmap: bool = True,
+                 verify: bool = True, max_gap: int = 64 << 10, max_read: int = 8 << 20,
+                 decompress_threads: int = 0):
+        self.url = url.url if hasattr(url, "read_ranges") else os.fspath(url)
+        self._options = dict(storage_options=storage_options, cache=cache, mmap=mmap, verify=verify,
+                             max_gap=max_gap, max_read=max_read, decompress_threads=decompress_threads)
         self._load()
 
     # ------------------------------------------------------------------ opening
     def _load(self) -> None:
+        from packfmt.storage import open_store
         d = self.__dict__
-        root = _local_dir(self.url)
-        d["_root"] = root
-        mpath = os.path.join(root, mf.MANIFEST_NAME)
+        store = open_store(self.url, self._options["storage_options"])
+        d["_store"] = store
+        d["_remote"] = not store.is_local
+        d["_root"] = store.local_path("").rstrip("/") if store.is_local else None
+        mname = store.object_url(mf.MANIFEST_NAME)
         try:
-            with _builtin_open(mpath, "rb") as f:
-                data = f.read(mf.MAX_MANIFEST_BYTES + 1)
+            data = store.read_bytes(mf.MANIFEST_NAME)
         except FileNotFoundError:
             hint = ""
-            if os.path.exists(os.path.join(root, mf.INCOMPLETE_MARKER)):
-                hint = " (a build into it was interrupted: run the build again)"
-            elif not os.path.isdir(root):
+            if store.exists(mf.INCOMPLETE_MARKER):
+                hint = " (a build into it was interrupted or is still running: run the build again)"
+            elif store.is_local and not os.path.isdir(d["_root"]):
                 hint = " (no such directory)"
             raise DatasetNotFoundError(f"no packfmt dataset at {self.url}: {mf.MANIFEST_NAME} not found{hint}") from None
-        except OSError as e:
-            raise PackOSError(e.errno, e.strerror, mpath) from None
-        m = mf.Manifest.parse(data, mpath)
+        m = mf.Manifest.parse(data, mname)
         d["_manifest"] = m
-        table = self._load_index(root, m)
+        table = self._load_index(store, m)
         d["_table"] = table
         cols = {}
         for name, typ in _INDEX_TYPES.items():
-            cols[name] = table.column(name).chunk(0).to_numpy(zero_copy_only=True) if table.num_rows else np.zeros(0, typ.to_pandas_dtype())
+            cols[name] = (table.column(name).chunk(0).to_numpy(zero_copy_only=True) if table.num_rows
+                          else np.zeros(0, typ.to_pandas_dtype()))
         self._check_index(m, cols)
         d["_cols"] = cols
         d["_raw_only"] = not bool(np.any(cols["flags"])) if table.num_rows else True
-        d["_paths"] = [os.path.join(root, s.name) for s in m.shards]
+        d["_paths"] = [store.object_url(s.name) for s in m.shards]
         d["_key_lookup"] = None
         _open_datasets.add(self)
 
-    def _load_index(self, root: str, m: mf.Manifest) -> pa.Table:
-        ipath = os.path.join(root, m.index_name)
+    def _load_index(self, store, m: mf.Manifest) -> pa.Table:
+        ipath = store.object_url(m.index_name)
         try:
-            source = pa.memory_map(ipath, "r")
+            if store.is_local:
+                source = pa.memory_map(store.local_path(m.index_name), "r")  # zero-copy columns
+                size = source.size()
+            else:
+                size = m.index_size
+                source = pa.py_buffer(store.read_bytes(m.index_name))
+                size = source.size
         except FileNotFoundError:
             raise ManifestError(f"{ipath}: the index named by the manifest is missing") from None
-        if source.size() != m.index_size:
-            raise ManifestError(f"{ipath}: index is {source.size()} bytes, the manifest says {m.index_size}")
-        buf = source.read_buffer()
-        got = _core.xxh64(buf) if buf.size else _core.xxh64(b"")
+        if size != m.index_size:
+            raise ManifestError(f"{ipath}: index is {size} bytes, the manifest says {m.index_size}")
+        buf = source.read_buffer() if store.is_local else source
+        got = _core.xxh64(buf)
         if got != m.index_checksum:
             raise ManifestError(f"{ipath}: index checksum {got:016x} differs from the manifest's {m.index_checksum:016x}")
         try:
@@ -183,6 +192,27 @@ class Dataset:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+    @property
+    def _reader(self):
+        """Fetches stored bytes of remote records (through the page cache unless cache=False)."""
+        r = self.__dict__.get("_remote_reader")
+        if r is None:
+            from packfmt.remote import RemoteReader
+            cache = self._options["cache"]
+            if cache is None or cache is True:
+                from packfmt.cache import PageCache
+                cache = PageCache()
+            elif cache is False:
+                cache = None
+            elif isinstance(cache, (str, os.PathLike)):
+                from packfmt.cache import PageCache
+                cache = PageCache(os.fspath(cache))
+            m = self._manifest
+            r = RemoteReader(self._store, m.content_id, [s.name for s in m.shards], [s.size for s in m.shards],
+                             cache=cache)
+            self.__dict__["_remote_reader"] = r
+        return r
 
     @property
     def _shardset(self) -> _core.ShardSet:
@@ -294,7 +324,7 @@ class Dataset:
         if isinstance(i, slice):
             return self.get_batch(np.arange(*i.indices(len(self))))
         row = self._row(i)
-        if self._raw_only:
+        if self._raw_only and not self._remote:
             return self._shardset.read_one(row)
         return self.get_batch([row])[0]
 
@@ -313,6 +343,8 @@ class Dataset:
             raise IndexError(f"sample index out of range: {int(bad)} (dataset has {n} samples)")
         if rows.size and rows.min() < 0:
             rows = np.where(rows < 0, rows + n, rows)
+        if self._remote:
+            return self._read_remote(rows)
         if self._raw_only:
             return self._shardset.read_rows(rows)
         return self._read_decoded(rows)
@@ -326,6 +358,21 @@ class Dataset:
         buf = bytearray(int(stored.sum()))
         self._shardset.read_rows_into(rows, buf, starts)
         return self._decode(rows, buf, starts, stored)
+
+    def _read_remote(self, rows: np.ndarray) -> list:
+        c = self._cols
+        shard = c["shard"][rows]
+        stored = c["stored_len"][rows].astype(np.uint64)
+        pieces = self._reader.read(shard, c["offset"][rows], stored)
+        if self._options["verify"]:
+            _core.verify_buffers(pieces, np.ascontiguousarray(c["checksum"][rows]),
+                                 _ShardNames(self._paths, shard, c["offset"][rows]), rows)
+        if self._raw_only:
+            return [bytes(p) for p in pieces]
+        starts = np.zeros(len(rows), dtype=np.uint64)
+        if len(rows) > 1:
+            np.cumsum(stored[:-1], out=starts[1:])
+        return self._decode(rows, b"".join(pieces), starts, stored)
 
     def _decode(self, rows, buf, starts, stored) -> list:
         """Turn stored bytes (one buffer, record k at starts[k]) into raw samples, decompressing all the
@@ -379,10 +426,9 @@ class Dataset:
         info = self._manifest.dictionary
         if info is None:
             raise ManifestError(f"{self.url}: records use a dictionary but the manifest names none")
-        path = os.path.join(self._root, info["name"])
+        path = self._store.object_url(info["name"])
         try:
-            with _builtin_open(path, "rb") as f:
-                data = f.read(info["size"] + 1)
+            data = self._store.read_bytes(info["name"])
         except FileNotFoundError:
             raise ManifestError(f"{path}: the dictionary named by the manifest is missing") from None
         if len(data) != info["size"] or _core.xxh64(data) != info["checksum"]:
@@ -403,6 +449,9 @@ class Dataset:
 
     def close(self) -> None:
         self.__dict__.pop("_shardset", None)
+        r = self.__dict__.pop("_remote_reader", None)
+        if r is not None:
+            r.close()
 
     def __enter__(self):
         return self

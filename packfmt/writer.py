@@ -12,6 +12,7 @@ import getpass
 import os
 import platform
 import re
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,26 +125,93 @@ def train_dictionary(samples: list, dict_size: int = DEFAULT_DICT_SIZE, level: i
         return None
 
 
-def _local_path(url) -> str:
-    url = os.fspath(url)
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    elif "://" in url:
-        raise ValueError(f"{url}: writing to this kind of URL is not supported")
-    return os.path.abspath(url)
+class RemoteShardWriter:
+    """A shard written by the C writer into a pipe whose other end streams it to an object store.
+
+    The store's writer (an S3 multipart upload) sends each part from background threads as soon as it
+    is full, so uploading overlaps writing and never waits for the whole shard.  Any failure aborts the
+    upload: no orphan parts, no object.
+    """
+
+    def __init__(self, store, name: str, flags: int, dict_id: int):
+        self.name = name
+        self._upload = store.open_write(name)
+        self._error = None
+        r, w = os.pipe()
+        self._thread = threading.Thread(target=self._pump, args=(r,), name=f"packfmt-upload-{name}", daemon=True)
+        self._thread.start()
+        try:
+            self._w = _core.ShardWriter(store.object_url(name), flags, dict_id, fd=w)
+        except BaseException:
+            os.close(w)
+            self._thread.join()
+            self._upload.abort()
+            raise
+
+    def _pump(self, r: int) -> None:
+        try:
+            while True:
+                chunk = os.read(r, 1 << 20)
+                if not chunk:
+                    break
+                self._upload.write(chunk)
+        except BaseException as e:  # reported by the writing side
+            self._error = e
+        finally:
+            os.close(r)  # a writer blocked on a full pipe now fails with EPIPE instead of hanging
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except BaseException:
+            if self._error is not None:
+                raise self._error from None
+            raise
+
+    size = property(lambda self: self._w.size)
+    count = property(lambda self: self._w.count)
+
+    def append(self, *args):
+        return self._call(self._w.append, *args)
+
+    def append_files(self, *args):
+        return self._call(self._w.append_files, *args)
+
+    def close(self) -> dict:
+        try:
+            info = self._call(self._w.close)
+        except BaseException:
+            self._thread.join()
+            self._upload.abort()
+            raise
+        self._thread.join()
+        if self._error is not None:
+            self._upload.abort()
+            raise self._error
+        self._upload.close()
+        return info
+
+    def abort(self) -> None:
+        self._w.abort()
+        self._thread.join()
+        self._upload.abort()
 
 
 class Target:
-    """A destination directory being filled with a dataset.
+    """A destination (local directory or object-store prefix) being filled with a dataset.
 
-    ``prepare`` refuses an existing dataset or a non-empty directory unless ``overwrite``; a directory left
-    by an interrupted build (marker present, no manifest) is cleaned and reused.  Until ``commit`` the
-    marker says the build is incomplete; the manifest is written last, atomically.
+    ``prepare`` refuses an existing dataset unless ``overwrite``; on a local directory it also refuses a
+    non-empty directory, and cleans up after an interrupted build (marker present, no manifest).  Until
+    ``commit`` a marker object says the build is incomplete; the manifest is written last, atomically
+    (rename locally; a single PUT on S3, which is atomic).
     """
 
-    def __init__(self, url, overwrite: bool = False):
-        self.path = _local_path(url)
-        self.url = url
+    def __init__(self, url, overwrite: bool = False, storage_options: dict | None = None):
+        from packfmt.storage import open_store
+        self.url = os.fspath(url) if not hasattr(url, "url") else url.url
+        self.store = open_store(url, storage_options)
+        self.local = self.store.is_local
+        self.path = self.store.local_path("").rstrip("/") if self.local else None
         self.overwrite = overwrite
         self._created: list[str] = []
 
@@ -151,6 +219,8 @@ class Target:
         return os.path.join(self.path, name)
 
     def prepare(self) -> None:
+        if not self.local:
+            return self._prepare_remote()
         p = self.path
         if os.path.exists(p) and not os.path.isdir(p):
             raise DatasetExistsError(f"{p} exists and is not a directory")
@@ -170,38 +240,56 @@ class Target:
         for e in ours - {mf.INCOMPLETE_MARKER}:
             os.unlink(self.file(e))
 
+    def _prepare_remote(self) -> None:
+        if self.store.exists(mf.MANIFEST_NAME):
+            if not self.overwrite:
+                raise DatasetExistsError(f"{self.url} already holds a dataset; use --overwrite (overwrite=True)")
+            self.store.delete(mf.MANIFEST_NAME)  # first: from here on it is not a dataset
+        self.store.put_bytes(mf.INCOMPLETE_MARKER, b"packfmt build in progress; no manifest yet\n")
+
     def created(self, name: str) -> str:
+        """Record that this build creates ``name``; returns its local path (None when remote)."""
         self._created.append(name)
-        return self.file(name)
+        return self.file(name) if self.local else None
+
+    def open_shard(self, name: str, flags: int, dict_id: int):
+        """A shard writer for ``name`` (call :meth:`created` first, in the process that may abort)."""
+        if self.local:
+            return _core.ShardWriter(self.file(name), flags, dict_id)
+        return RemoteShardWriter(self.store, name, flags, dict_id)
 
     def put_atomic(self, name: str, data: bytes) -> None:
+        self._created.append(name)
+        if not self.local:
+            self.store.put_bytes(name, data)
+            return
         tmp = self.file(f".{name}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.file(name))
-        self._created.append(name)
 
     def commit(self, manifest: dict) -> None:
         self.put_atomic(mf.MANIFEST_NAME, mf.dump(manifest))
-        _fsync_dir(self.path)
-        try:
-            os.unlink(self.file(mf.INCOMPLETE_MARKER))
-        except FileNotFoundError:
-            pass
+        if self.local:
+            _fsync_dir(self.path)
+        self.store.delete(mf.INCOMPLETE_MARKER)
 
     def abort(self) -> None:
-        """Remove what this build created; the directory never held a manifest from it."""
+        """Remove what this build created; the destination never held a manifest from it."""
         for name in self._created:
             try:
-                os.unlink(self.file(name))
-            except FileNotFoundError:
+                self.store.delete(name)
+            except OSError:
                 pass
         try:
-            os.unlink(self.file(mf.INCOMPLETE_MARKER))
-        except FileNotFoundError:
+            self.store.delete(mf.INCOMPLETE_MARKER)
+        except OSError:
             pass
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_created"} | {"_created": []}
 
 
 def _is_ours(name: str) -> bool:
@@ -327,13 +415,13 @@ class Writer:
 
     def __init__(self, url, *, shard_size=DEFAULT_SHARD_SIZE, compression="none", overwrite: bool = False,
                  dict_size: int = DEFAULT_DICT_SIZE, dict_train_bytes: int | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, storage_options: dict | None = None):
         self.shard_size = parse_size(shard_size)
         self.compression = Compression.parse(compression)
         self.dict_size = dict_size
         self.dict_train_bytes = dict_train_bytes or 100 * dict_size
         self.metadata = metadata
-        self._target = Target(url, overwrite=overwrite)
+        self._target = Target(url, overwrite=overwrite, storage_options=storage_options)
         self._target.prepare()
         self._dictionary = None
         self._encoder = None if self.compression.codec == "zstd-dict" else Encoder(self.compression)
@@ -393,8 +481,8 @@ class Writer:
             self._finish_shard()
         if self._shard is None:
             name = mf.shard_name(len(self._shards))
-            self._shard = _core.ShardWriter(self._target.created(name), self._encoder.shard_flags,
-                                            self._encoder.dict_id)
+            self._target.created(name)
+            self._shard = self._target.open_shard(name, self._encoder.shard_flags, self._encoder.dict_id)
         offset, stored_len, checksum = self._shard.append(stored, len(data), codec)
         row = len(self._keys)
         self._keys.append(key)

@@ -213,7 +213,7 @@ int pk_shard_read(const pk_shard *s, uint64_t offset, uint32_t len, void *dst, p
         return pk_fail(err, PK_E_CORRUPT, offset, s->info.index_offset, offset + (uint64_t)len,
                        "record extends outside the shard's data region");
     if (s->map) {
-        memcpy(dst, s->map + offset, len);
+        if (len) memcpy(dst, s->map + offset, len);
         return PK_OK;
     }
     return pread_exact(s->fd, dst, len, offset, err);
@@ -445,7 +445,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
             for (size_t k = a; k < b; k++) {
                 const req *q = &reqs[k];
                 if (s->map) {
-                    memcpy(dst[q->pos], s->map + q->offset, q->len);
+                    if (q->len) memcpy(dst[q->pos], s->map + q->offset, q->len);
                 } else {
                     rc = pread_exact(s->fd, dst[q->pos], q->len, q->offset, err);
                     if (rc) break;
@@ -472,7 +472,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
             for (size_t k = a; !rc && k < b; k++) {
                 const req *q = &reqs[k];
                 const uint8_t *src = scratch + (q->offset - r->offset);
-                memcpy(dst[q->pos], src, q->len);
+                if (q->len) memcpy(dst[q->pos], src, q->len);
                 if (opts->verify) rc = check_sum(src, q->len, cols->checksum[rows[q->pos]], q, err);
             }
         }

@@ -14,6 +14,7 @@
 
 struct pk_writer {
     int fd;
+    int is_file;            /* a regular file (fsync on close); else a pipe or socket */
     uint32_t flags;         /* PK_SHARD_* declared at open */
     uint32_t dict_id;
     uint64_t written;       /* bytes handed to write(2) */
@@ -56,6 +57,7 @@ static int flush(pk_writer *w, pk_error *err) {
 
 /* Append bytes to the output, through the buffer unless they are large. */
 static int emit(pk_writer *w, const uint8_t *p, size_t len, pk_error *err) {
+    if (len == 0) return PK_OK; /* p may be NULL (an empty index) */
     if (w->buf_len + len <= WRITE_BUFFER_SIZE) {
         memcpy(w->buf + w->buf_len, p, len);
         w->buf_len += len;
@@ -71,7 +73,18 @@ static int emit(pk_writer *w, const uint8_t *p, size_t len, pk_error *err) {
 
 int pk_writer_open(const char *path, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err) {
     *out = NULL;
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) return io_fail(err, errno, 0, "creating shard file");
+    int rc = pk_writer_open_fd(fd, flags, dict_id, out, err);
+    if (rc) close(fd);
+    return rc;
+}
+
+int pk_writer_open_fd(int fd, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err) {
+    *out = NULL;
     if (flags & ~PK_SHARD_FLAGS_KNOWN) return pk_fail(err, PK_E_RANGE, 0, 0, flags, "unknown shard flags");
+    struct stat st;
+    if (fstat(fd, &st) != 0) return io_fail(err, errno, 0, "stat of shard output");
     pk_writer *w = calloc(1, sizeof *w);
     if (!w) return pk_fail(err, PK_E_NOMEM, 0, 0, 0, "allocating the writer");
     w->buf = malloc(WRITE_BUFFER_SIZE);
@@ -79,13 +92,8 @@ int pk_writer_open(const char *path, uint32_t flags, uint32_t dict_id, pk_writer
         free(w);
         return pk_fail(err, PK_E_NOMEM, 0, 0, 0, "allocating the write buffer");
     }
-    w->fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (w->fd < 0) {
-        int e = errno;
-        free(w->buf);
-        free(w);
-        return io_fail(err, e, 0, "creating shard file");
-    }
+    w->fd = fd;
+    w->is_file = S_ISREG(st.st_mode);
     w->flags = flags;
     w->dict_id = dict_id;
     pk_xxh64_init(&w->file_hash, 0);
@@ -94,6 +102,7 @@ int pk_writer_open(const char *path, uint32_t flags, uint32_t dict_id, pk_writer
     pk_header_encode(&h, hdr);
     int rc = emit(w, hdr, sizeof hdr, err);
     if (rc) {
+        w->fd = -1; /* the caller still owns fd on failure */
         pk_writer_abort(w);
         return rc;
     }
@@ -252,7 +261,7 @@ int pk_writer_close(pk_writer *w, pk_writer_summary *summary, pk_error *err) {
     int rc = emit(w, w->index, (size_t)w->count * PK_ENTRY_SIZE, err);
     if (!rc) rc = emit(w, foot, sizeof foot, err);
     if (!rc) rc = flush(w, err);
-    if (!rc && fsync(w->fd) != 0) rc = io_fail(err, errno, w->written, "fsync of shard failed");
+    if (!rc && w->is_file && fsync(w->fd) != 0) rc = io_fail(err, errno, w->written, "fsync of shard failed");
     if (!rc) {
         int fd = w->fd;
         w->fd = -1;

@@ -28,6 +28,10 @@ typedef struct pk_writer_summary {
  * dictionary PK_CODEC_ZSTD_DICT records use, 0 if none. */
 int pk_writer_open(const char *path, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err);
 
+/* The same on an open descriptor (a file, or a pipe feeding an upload); the writer takes ownership
+ * of fd on success and closes it.  Only regular files are fsynced. */
+int pk_writer_open_fd(int fd, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err);
+
 /* Append one record whose stored bytes are data[0..stored_len); codec is PK_CODEC_*.  *entry
  * (optional) receives its index entry. */
 int pk_writer_append(pk_writer *w, const void *data, uint32_t stored_len, uint32_t raw_len,

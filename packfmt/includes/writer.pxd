@@ -11,6 +11,7 @@ cdef extern from "writer.h" nogil:
         uint64_t file_checksum
         uint64_t data_bytes
     int pk_writer_open(const char *path, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err)
+    int pk_writer_open_fd(int fd, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err)
     int pk_writer_append(pk_writer *w, const void *data, uint32_t stored_len, uint32_t raw_len,
                          uint32_t codec, pk_entry *entry, pk_error *err)
     int pk_writer_append_file(pk_writer *w, const char *path, pk_entry *entry, pk_error *err)
