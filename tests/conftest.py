@@ -6,6 +6,7 @@ Profiles: ``default`` (fast, for the edit-test loop) and ``ci`` (more examples),
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -22,6 +23,7 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+pytest.register_assert_rewrite("conftest_servers")
 try:  # fixtures for the remote-storage tests (moto, nginx, fault proxy), when present
     from conftest_servers import *  # noqa: F401,F403
 except ImportError:
