@@ -683,6 +683,16 @@ static void test_verify_buffers(void) {
     printf("ok verify_buffers\n");
 }
 
+/* A writer refused for its arguments leaves no file behind (a retry would hit O_EXCL). */
+static void test_refused_open_leaves_nothing(void) {
+    pk_writer *w;
+    reset_err();
+    unlink(path_of("r.pack"));
+    EXPECT_RC(PK_E_RANGE, pk_writer_open(path_of("r.pack"), 0x80, 0, &w, &err));
+    CHECK(access(path_of("r.pack"), F_OK) != 0);
+    printf("ok refused_open_leaves_nothing\n");
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s SCRATCH_DIR\n", argv[0]);
@@ -700,6 +710,7 @@ int main(int argc, char **argv) {
     test_batches();
     test_corruption();
     test_verify_buffers();
+    test_refused_open_leaves_nothing();
     for (int i = 0; i < NREC; i++) free(records[i]);
     printf("all ok\n");
     return 0;
