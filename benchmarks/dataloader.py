@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/dataloader.py [--n 100000] [--workers 2] [--batch 256] [--reps 2] [--cache /tmp/packfmt-bench] [--out docs/shuffle.md]
+    python benchmarks/dataloader.py [--n 100000] [--workers 2] [--batch 256] [--reps 3] [--cache /tmp/packfmt-bench] [--out docs/shuffle.md]
 
 Builds once (and reuses) a dataset of ``n`` KB-sized samples (random bytes,
 2-6 KiB, 100 labels) twice: as a packfmt dataset and as loose files in an
@@ -115,7 +115,8 @@ def warm(files):
                 pass
 
 
-def run_loader(loader):
+def loader_epoch(loader):
+    """One epoch through ``loader``: (samples, bytes, seconds)."""
     t = time.perf_counter()
     count = nbytes = 0
     for samples, labels in loader:
@@ -124,15 +125,34 @@ def run_loader(loader):
     return count, nbytes, time.perf_counter() - t
 
 
-def run_raw(pack, batch):
-    ds = packfmt.open(pack)
-    t = time.perf_counter()
-    count = nbytes = 0
-    for b in EpochOrder(len(ds), seed=0, mode="global").batches(batch):
-        samples = ds.get_batch(b)
-        count += len(samples)
-        nbytes += sum(map(len, samples))
-    return count, nbytes, time.perf_counter() - t
+class RawEpochs:
+    """The baseline: this process reads the global order with ``get_batch``, no DataLoader."""
+
+    def __init__(self, pack, batch):
+        self.ds, self.batch, self.epoch = packfmt.open(pack), batch, 0
+
+    def __call__(self):
+        t = time.perf_counter()
+        count = nbytes = 0
+        self.epoch += 1
+        for b in EpochOrder(len(self.ds), seed=0, epoch=self.epoch, mode="global").batches(self.batch):
+            samples = self.ds.get_batch(b)
+            count += len(samples)
+            nbytes += sum(map(len, samples))
+        return count, nbytes, time.perf_counter() - t
+
+
+class LoaderEpochs:
+    """Epochs of one DataLoader; ``set_epoch`` first when its sampler/dataset has one."""
+
+    def __init__(self, loader, epoch_owner=None):
+        self.loader, self.owner, self.epoch = loader, epoch_owner, 0
+
+    def __call__(self):
+        self.epoch += 1
+        if self.owner is not None:
+            self.owner.set_epoch(self.epoch)
+        return loader_epoch(self.loader)
 
 
 def main():
@@ -140,7 +160,7 @@ def main():
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=2, help="epochs per measurement, best kept (default 2)")
+    ap.add_argument("--reps", type=int, default=3, help="epochs per measurement, best kept (default 3)")
     ap.add_argument("--cache", default="/tmp/packfmt-bench")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     ap.add_argument("--out", action="append", default=[], metavar="MD",
@@ -152,52 +172,75 @@ def main():
     W, B = args.workers, args.batch
     torch.set_num_threads(1)
 
-    def pack_loader(mode, **kw):
-        ds = PackDataset(pack, label="label")
-        return DataLoader(ds, batch_sampler=PackBatchSampler(ds, B, seed=0, mode=mode, **kw), num_workers=W)
-
     t = time.perf_counter()
     loose_ds = LooseFiles(loose)
     list_time = time.perf_counter() - t
     raw_name, loose_name = "get_batch, no DataLoader (1 process)", "loose files, ImageFolder-like"
-    runs = [
-        (raw_name, lambda: run_raw(pack, B)),
-        ("packfmt global", lambda: run_loader(pack_loader("global"))),
-        ("packfmt feistel", lambda: run_loader(pack_loader("feistel"))),
-        ("packfmt block 64x16", lambda: run_loader(pack_loader("block", block_size=64, window=16))),
-        ("packfmt none", lambda: run_loader(pack_loader("none"))),
-        ("packfmt iterable (global)", lambda: run_loader(DataLoader(
-            PackIterableDataset(pack, batch_size=B, seed=0, label="label"), batch_size=B, num_workers=W))),
-        (loose_name, lambda: run_loader(DataLoader(loose_ds, batch_size=B, shuffle=True, num_workers=W))),
-    ]
+
+    def pack_map(mode, persistent, **kw):
+        ds = PackDataset(pack, label="label")
+        sampler = PackBatchSampler(ds, B, seed=0, mode=mode, **kw)
+        return LoaderEpochs(DataLoader(ds, batch_sampler=sampler, num_workers=W, persistent_workers=persistent),
+                            sampler)
+
+    def pack_iterable(persistent):
+        ds = PackIterableDataset(pack, batch_size=B, seed=0, label="label")
+        return LoaderEpochs(DataLoader(ds, batch_size=B, num_workers=W, persistent_workers=persistent), ds)
+
+    def loose_files(persistent):
+        return LoaderEpochs(DataLoader(loose_ds, batch_size=B, shuffle=True, num_workers=W,
+                                       persistent_workers=persistent))
+
+    # name -> factory(persistent) of a callable running one epoch
+    runs = {
+        raw_name: lambda p: RawEpochs(pack, B),
+        "packfmt global": lambda p: pack_map("global", p),
+        "packfmt feistel": lambda p: pack_map("feistel", p),
+        "packfmt block 64x16": lambda p: pack_map("block", p, block_size=64, window=16),
+        "packfmt none": lambda p: pack_map("none", p),
+        "packfmt iterable (global)": pack_iterable,
+        loose_name: loose_files,
+    }
     packed_mib = sum(os.path.getsize(os.path.join(pack, f)) for f in os.listdir(pack)) / 2**20
     intro = (f"{args.n:,} samples of 2-6 KiB ({packed_mib:.0f} MiB), 100 labels; one shuffled epoch through "
              f"`DataLoader(num_workers={W}, batch_size={B})`, items `(bytes, label)` with the default collate; "
-             f"best of {args.reps} epochs. The loose tree was listed in {list_time:.2f} s (not counted). "
+             f"best of {args.reps} epochs (warm: persistent workers after one untimed epoch; cold: a fresh "
+             f"loader per epoch). The loose tree was listed in {list_time:.2f} s (not counted). "
              f"Machine: {describe_machine(info)}.")
     print(intro)
     sections = []
     for cache in ("warm", "cold"):
         if cache == "cold" and args.no_cold:
             break
-        res = {}
-        for name, fn in runs:
-            best = None
-            paged = 0
-            for _ in range(args.reps):
+        # Warm: persistent workers, one untimed epoch first (worker start, first touch of the
+        # maps), as in a long training run.  Cold: a fresh loader per epoch (persistent workers
+        # would keep their mapped pages, which eviction skips).  Repetitions are interleaved
+        # across readers, so a burst of load elsewhere does not land on one reader only; the
+        # best epoch of each is kept.
+        best, paged = {}, {}
+        readers = {}
+        if cache == "warm":
+            for name, make in runs.items():
+                readers[name] = make(True)
+                warm(files)
+                readers[name]()
+        for _ in range(args.reps):
+            for name, make in runs.items():
                 if cache == "warm":
+                    epoch = readers[name]
                     warm(files)
                 else:
+                    epoch = make(False)
                     evict(files)
                 k0 = pgpgin_kib()
-                count, nbytes, dt = fn()
-                paged += pgpgin_kib() - k0
+                count, nbytes, dt = epoch()
+                paged[name] = paged.get(name, 0) + pgpgin_kib() - k0
                 assert count == args.n, (name, count)
-                if best is None or dt < best[2]:
-                    best = (count, nbytes, dt)
-            count, nbytes, dt = best
-            res[name] = (count / dt, nbytes / dt / 2**20, paged // args.reps)
-            log(f"{cache} {name}: {count / dt:,.0f} samples/s")
+                if name not in best or dt < best[name][2]:
+                    best[name] = (count, nbytes, dt)
+                log(f"{cache} {name}: {count / dt:,.0f} samples/s")
+        readers.clear()
+        res = {name: (c / dt, nb / dt / 2**20, paged[name] // args.reps) for name, (c, nb, dt) in best.items()}
         loose_rate, raw_rate = res[loose_name][0], res[raw_name][0]
         rows = [[name, f"{rate:,.0f}", f"{mib:.0f}", f"{rate / loose_rate:.1f}x", f"{rate / raw_rate:.0%}",
                  f"{paged // 1024:,}"] for name, (rate, mib, paged) in res.items()]

@@ -311,6 +311,8 @@ class EpochOrder:
         batch_size = int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(start) < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         if not 0 <= worker_id < num_workers:
             raise ValueError(f"need 0 <= worker_id < num_workers, got {worker_id}, {num_workers}")
         end = self.num_samples

@@ -249,6 +249,8 @@ def test_bad_arguments():
         EpochOrder(-1)
     with pytest.raises(ValueError):
         list(EpochOrder(10).batches(0))
+    with pytest.raises(ValueError):
+        list(EpochOrder(10).batches(4, start=-1))
 
 
 def test_import_packfmt_does_not_import_torch():
