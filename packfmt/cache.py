@@ -89,7 +89,13 @@ class PageCache:
         h = self._handle
         if h is None:
             os.makedirs(self.directory, exist_ok=True)
-            h = _core().PageCacheHandle(self.directory, self._capacity, self._block_size, self._adopt)
+            capacity = self._capacity
+            if self._capacity_arg is None and ENV_CAPACITY not in os.environ and \
+                    not os.path.exists(os.path.join(self.directory, "pagecache.index")):
+                # Creating with the default budget: never plan for more than half the free space.
+                st = os.statvfs(self.directory)
+                capacity = max(min(capacity, st.f_bavail * st.f_frsize // 2), 64 << 20)
+            h = _core().PageCacheHandle(self.directory, capacity, self._block_size, self._adopt)
             if self._handle is None:  # another thread may have opened it meanwhile
                 self._handle = h
             else:
@@ -143,8 +149,8 @@ class PageCache:
         object_size = int(object_size)
         h = self._h()
         bs = int(h.block_size)
-        ns = namespace.encode()
-        obj = object_name.encode()
+        ns = namespace.encode("utf-8", "surrogatepass")
+        obj = object_name.encode("utf-8", "surrogatepass")
         label = (ns + b"\0" + obj)[:_core().PAGECACHE_LABEL_MAX]
 
         results: List = [None] * len(ranges)
@@ -288,7 +294,8 @@ class PageCache:
 
     def locate(self, namespace: str, object_name: str, block: int):
         """``(path of pagecache.data, offset, length)`` of a cached block, or None (for tools/tests)."""
-        where = self._h().locate(namespace.encode(), object_name.encode(), int(block))
+        where = self._h().locate(namespace.encode("utf-8", "surrogatepass"),
+                                 object_name.encode("utf-8", "surrogatepass"), int(block))
         if where is None:
             return None
         return (os.path.join(self.directory, "pagecache.data"),) + tuple(where)
