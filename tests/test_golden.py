@@ -1,13 +1,13 @@
 """Golden files freeze format version 1.
 
-tests/data/golden/{raw,zstd}/ were written by tools/make_golden.py.  Reading them must give the samples
+tests/data/golden/{raw,zstd,zstd-dict}/ were written by tools/make_golden.py.  Reading them must give the samples
 that script defines; writing those samples again must give the same shard bytes, the same index content
 and the same manifest (minus the ``created`` block, which records time, host and user).  A change to
 these bytes is a format change: bump the format version and regenerate on purpose.
 
-zstd's compressed output is not guaranteed identical across libzstd versions (that is not a packfmt
-format change), so the zstd dataset's *re-written* shard bytes are compared exactly only under the
-libzstd that wrote the golden files (recorded in golden.json); reading the golden zstd files is
+zstd's compressed output (and a trained dictionary) is not guaranteed identical across libzstd versions
+(that is not a packfmt format change), so the zstd datasets' *re-written* bytes are compared exactly only
+under the libzstd that wrote the golden files (recorded in golden.json); reading the golden zstd files is
 checked everywhere.
 """
 
@@ -38,6 +38,7 @@ def _load_tool():
 
 make_golden = _load_tool()
 SAMPLES = make_golden.SAMPLES
+NAMES = ["raw", "zstd", "zstd-dict"]
 with open(os.path.join(GOLDEN, "golden.json")) as f:
     GOLDEN_INFO = json.load(f)
 SAME_ZSTD = ".".join(map(str, zstandard.ZSTD_VERSION)) == GOLDEN_INFO["written_with"]["zstd"]
@@ -72,6 +73,11 @@ RAW_SHARD1_FOOTER = bytes.fromhex(
 ZSTD_SHARD0_HEADER = bytes.fromhex(
     "89 50 41 43 4b 0d 0a 1a" "01 00" "01 00" "01 00 00 00" "00 00 00 00" "00 00 00 00" "df d7 77 eb 6d 20 10 1a"
 )
+# The dictionary dataset's first header: flags = SHARD_HAS_ZSTD | SHARD_HAS_DICT, dict_id 0x0863047f (the id
+# zstd gave the trained dictionary, so only under the same libzstd).
+DICT_SHARD0_HEADER = bytes.fromhex(
+    "89 50 41 43 4b 0d 0a 1a" "01 00" "01 00" "03 00 00 00" "7f 04 63 08" "00 00 00 00" "67 b5 14 fb e9 24 83 69"
+)
 
 # The index of the raw dataset, column by column.
 RAW_INDEX = {
@@ -104,26 +110,29 @@ def comparable(manifest: dict) -> dict:
     return m
 
 
-@pytest.mark.parametrize("name", ["raw", "zstd"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("use_mmap", [True, False])
 def test_read_golden(name, use_mmap):
+    samples = make_golden.samples(name)
+    n = len(samples)
     ds = packfmt.open(golden(name), mmap=use_mmap)
-    assert len(ds) == len(SAMPLES) == 5
+    assert len(ds) == n and n >= 5
     assert ds.shards == ["shard-00000.pack", "shard-00001.pack"]
-    for i, (key, data, cols) in enumerate(SAMPLES):
+    for i, (key, data, cols) in enumerate(samples):
         assert ds.key(i) == key
         assert ds[i] == data
         assert ds.index_of(key) == i
-    order = [4, 0, 1, 1, -1, 3, 2, 0]
-    assert ds.get_batch(order) == [SAMPLES[i][1] for i in order]
+    order = [4, 0, 1, 1, -1, 3, 2, 0, n - 2]
+    assert ds.get_batch(order) == [samples[i][1] for i in order]
+    assert list(ds) == [d for _, d, _ in samples]
     assert ds.columns == ["label", "score", "split"]
-    assert ds.column("label").tolist() == [c["label"] for _, _, c in SAMPLES]
+    assert ds.column("label").tolist() == [c["label"] for _, _, c in samples]
     scores = ds.column("score").tolist()
-    for got, (_, _, c) in zip(scores, SAMPLES):
+    for got, (_, _, c) in zip(scores, samples):
         assert (c["score"] is None and math.isnan(got)) or got == c["score"]
-    assert ds.index.column("split").to_pylist() == [c["split"] for _, _, c in SAMPLES]
+    assert ds.index.column("split").to_pylist() == [c["split"] for _, _, c in samples]
     shards = [_core.Shard(golden(f"{name}/{s}")) for s in ds.shards]
-    stored = [shards[ds.shard_of[i]].read(int(ds.offsets[i]), int(ds.stored_lengths[i])) for i in range(5)]
+    stored = [shards[ds.shard_of[i]].read(int(ds.offsets[i]), int(ds.stored_lengths[i])) for i in range(n)]
     assert ds.checksums.tolist() == [xxhash.xxh64_intdigest(b) for b in stored]
     m = ds.manifest
     assert m["created"] == make_golden.FIXED_CREATED
@@ -146,23 +155,46 @@ def test_golden_raw_bytes_spelled_out():
                        (332, 0, 0, 0xEF46DB3751D8E999, 0, 0),
                        (332, 256, 256, xxhash.xxh64_intdigest(SAMPLES[2][1]), 0, 0)]
     assert open(golden("zstd/shard-00000.pack"), "rb").read()[:32] == ZSTD_SHARD0_HEADER
+    assert open(golden("zstd-dict/shard-00000.pack"), "rb").read()[:32] == DICT_SHARD0_HEADER
+
+
+def test_golden_dictionary():
+    m = read_manifest(golden("zstd-dict"))
+    d = m["compression"]["dictionary"]
+    data = open(golden("zstd-dict/dictionary.zstd"), "rb").read()
+    assert d == {"name": "dictionary.zstd", "size": len(data), "checksum": f"{xxhash.xxh64_intdigest(data):016x}",
+                 "dict_id": 0x0863047F}
+    assert data[:4] == bytes.fromhex("37 a4 30 ec") and struct.unpack_from("<I", data, 4)[0] == d["dict_id"]
+    for shard in m["shards"]:
+        info = _core.Shard(golden(f"zstd-dict/{shard['name']}")).info
+        assert info["dict_id"] == d["dict_id"]
+        assert info["flags"] == _core.SHARD_HAS_ZSTD | _core.SHARD_HAS_DICT
+    # Every non-empty sample is a dictionary frame; the frames do not carry the dictionary id.
+    ds = packfmt.open(golden("zstd-dict"))
+    assert ds.codecs.tolist() == [0 if not d else _core.CODEC_ZSTD_DICT for _, d, _ in make_golden.DICT_SAMPLES]
+    s0 = _core.Shard(golden("zstd-dict/shard-00000.pack"))
+    off, stored, raw, _, codec = s0.entry(0)
+    frame = s0.read(off, stored)
+    assert zstandard.get_frame_parameters(frame).dict_id == 0
+    assert zstandard.get_frame_parameters(frame).content_size == raw
 
 
 def test_golden_index_content():
-    for name in ("raw", "zstd"):
+    for name in NAMES:
+        samples = make_golden.samples(name)
         ds = packfmt.open(golden(name))
         t = ds.index
         assert t.schema.names == ["key", "shard", "offset", "stored_len", "raw_len", "checksum", "flags",
                                   "label", "score", "split"]
         assert [str(t.schema.field(c).type) for c in t.schema.names] == [
             "string", "uint32", "uint64", "uint32", "uint32", "uint64", "uint32", "int64", "double", "string"]
-        assert t.column("key").to_pylist() == [k for k, _, _ in SAMPLES]
-        assert t.column("raw_len").to_pylist() == [len(d) for _, d, _ in SAMPLES]
-        assert t.column("shard").to_pylist() == RAW_INDEX["shard"]
+        assert t.column("key").to_pylist() == [k for k, _, _ in samples]
+        assert t.column("raw_len").to_pylist() == [len(d) for _, d, _ in samples]
         if name == "raw":
             for col, want in RAW_INDEX.items():
                 assert t.column(col).to_pylist() == want, col
-        else:
+        elif name == "zstd":
+            assert t.column("shard").to_pylist() == RAW_INDEX["shard"]
             assert t.column("flags").to_pylist() == ZSTD_FLAGS
             stored = t.column("stored_len").to_pylist()
             assert all(s < len(d) for s, (_, d, _), f in zip(stored, SAMPLES, ZSTD_FLAGS) if f)
@@ -170,13 +202,16 @@ def test_golden_index_content():
             assert pa.ipc.open_file(src).num_record_batches == 1
 
 
-@pytest.mark.parametrize("name", ["raw", "zstd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_rewrite_is_identical(tmp_path, name):
+    assert GOLDEN_INFO["datasets"][name] == make_golden.DATASETS[name]
     out = str(tmp_path / name)
-    make_golden.write_dataset(out, **GOLDEN_INFO["datasets"][name])
+    make_golden.write_dataset(out, name)
     fresh, gold = packfmt.open(out), packfmt.open(golden(name))
-    assert fresh.get_batch(range(5)) == gold.get_batch(range(5))
+    assert fresh.get_batch(range(len(gold))) == gold.get_batch(range(len(gold)))
     exact = name == "raw" or SAME_ZSTD
+    if exact and name == "zstd-dict":
+        assert open(os.path.join(out, "dictionary.zstd"), "rb").read() == open(golden("zstd-dict/dictionary.zstd"), "rb").read()
     for shard in gold.shards:
         a = open(os.path.join(out, shard), "rb").read()
         b = open(golden(f"{name}/{shard}"), "rb").read()
@@ -221,20 +256,29 @@ def test_golden_manifest():
 
 
 def test_golden_shards_open_alone():
-    # `pack ls SHARD.pack` style: a lone shard, no manifest, validated from its tail.
-    for name in ("raw", "zstd"):
-        for i, n in enumerate((3, 2)):
-            path = golden(f"{name}/shard-0000{i}.pack")
+    # `pack ls SHARD.pack` style: a lone shard, no manifest, validated from its tail, decoded by zstd alone.
+    for name in NAMES:
+        m = read_manifest(golden(name))
+        samples = make_golden.samples(name)
+        dctx = {_core.CODEC_ZSTD: zstandard.ZstdDecompressor()}
+        if name == "zstd-dict":
+            d = zstandard.ZstdCompressionDict(open(golden("zstd-dict/dictionary.zstd"), "rb").read())
+            dctx[_core.CODEC_ZSTD_DICT] = zstandard.ZstdDecompressor(dict_data=d)
+        first = 0
+        for shard in m["shards"]:
+            n = shard["records"]
+            path = golden(f"{name}/{shard['name']}")
             data = open(path, "rb").read()
             info = _core.check_tail(data[-(48 + 32 * n):], len(data))
             assert info["records"] == n
             s = _core.Shard(path)
-            assert s.info["flags"] == (0 if name == "raw" else _core.SHARD_HAS_ZSTD)
+            want_flags = {"raw": 0, "zstd": _core.SHARD_HAS_ZSTD}.get(name, _core.SHARD_HAS_ZSTD | _core.SHARD_HAS_DICT)
+            assert s.info["flags"] == want_flags
             assert s.verify_records(0, n) == ([], 0)
-            dctx = zstandard.ZstdDecompressor()
-            first = 0 if i == 0 else 3
             for j in range(n):
                 off, stored, raw, _, codec = s.entry(j)
                 b = s.read(off, stored)
-                got = dctx.decompress(b, max_output_size=raw) if codec == _core.CODEC_ZSTD else b
-                assert got == SAMPLES[first + j][1]
+                got = dctx[codec].decompress(b, max_output_size=raw) if codec else b
+                assert got == samples[first + j][1]
+            first += n
+        assert first == len(samples)

@@ -8,10 +8,12 @@
 Only run it to write when the format changes on purpose (and the format version with it): the files it
 writes are what tests/test_golden.py compares every future build against.  The output is deterministic:
 the samples below are fixed, and the one field of the manifest that varies between runs (``created``) is
-replaced by fixed values.  Two datasets are written:
+replaced by fixed values.  Three datasets are written:
 
-  raw/   compression "none", shard_size 600 bytes  -> 2 shards
-  zstd/  compression "zstd:3", shard_size 400 bytes -> 2 shards; two records zstd does not shrink stay raw
+  raw/        compression "none", shard_size 600 bytes  -> 2 shards
+  zstd/       compression "zstd:3", shard_size 400 bytes -> 2 shards; records zstd does not shrink stay raw
+  zstd-dict/  compression "zstd-dict:3", the 5 samples plus 24 JSON-like ones (a dictionary needs at least
+              8 samples to train on), dict_size 1024, shard_size 500 -> 2 shards and dictionary.zstd
 
 golden.json records the library versions that wrote them (zstd's output may differ between libzstd
 versions without any format change; the test compares zstd shard bytes only under the same libzstd).
@@ -56,18 +58,31 @@ SAMPLES = [
      {"label": 4, "score": 0.0, "split": "test"}),
 ]
 
+#: More samples for the dictionary dataset: similar small JSON records, what a dictionary is for.
+DICT_SAMPLES = SAMPLES + [
+    (f"records/{i:02d}.json",
+     b'{"id": %d, "name": "item-%d", "tags": ["alpha", "beta"], "value": %d.%d}\n' % (i, i, i * 37 % 101, i % 10) * 3,
+     {"label": 5 + i % 3, "score": None, "split": None})
+    for i in range(24)
+]
+
 #: name -> Writer arguments.
 DATASETS = {
     "raw": {"compression": "none", "shard_size": 600},
     "zstd": {"compression": "zstd:3", "shard_size": 400},
+    "zstd-dict": {"compression": "zstd-dict:3", "shard_size": 500, "dict_size": 1024},
 }
 
 
-def write_dataset(path: str, compression: str, shard_size: int) -> None:
+def samples(name: str) -> list:
+    return DICT_SAMPLES if name == "zstd-dict" else SAMPLES
+
+
+def write_dataset(path: str, name: str) -> None:
     import packfmt
 
-    with packfmt.Writer(path, compression=compression, shard_size=shard_size) as w:
-        for key, data, cols in SAMPLES:
+    with packfmt.Writer(path, **DATASETS[name]) as w:
+        for key, data, cols in samples(name):
             w.add(key, data, **{k: v for k, v in cols.items() if v is not None})
     fix_manifest(path)
 
@@ -98,14 +113,15 @@ def versions() -> dict:
 
 def write_all(out: str) -> None:
     os.makedirs(out, exist_ok=True)
-    for name, args in DATASETS.items():
+    for name in DATASETS:
         d = os.path.join(out, name)
         if os.path.exists(d):
             shutil.rmtree(d)
-        write_dataset(d, **args)
+        write_dataset(d, name)
         with open(os.path.join(d, "manifest.json")) as f:
-            shards = json.load(f)["shards"]
-        assert len(shards) == 2, f"{name}: expected 2 shards, got {len(shards)}: adjust shard_size"
+            m = json.load(f)
+        assert len(m["shards"]) == 2, f"{name}: expected 2 shards, got {len(m['shards'])}: adjust shard_size"
+        assert (m["compression"]["dictionary"] is not None) == (name == "zstd-dict"), name
     with open(os.path.join(out, "golden.json"), "w") as f:
         json.dump({"written_with": versions(), "datasets": DATASETS}, f, indent=1)
         f.write("\n")
