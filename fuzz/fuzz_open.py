@@ -15,6 +15,9 @@ Oracles:
     reads successfully equals the original; after a hostile-producer mutation every sample still has
     the length its index row declares.
 
+Survey mode (``PK_FUZZ_SURVEY=DIR``, used by fuzz/run.sh): log each distinct finding (exception type,
+file and function) with its input to DIR and keep going instead of stopping at the first one.
+
 Usage:
   python fuzz/fuzz_open.py [libFuzzer flags] CORPUS_DIR     fuzz (needs ``pip install atheris``)
   python fuzz/fuzz_open.py --replay FILE...                 run inputs once, no atheris needed
@@ -402,7 +405,7 @@ def TestOneInput(data: bytes) -> None:
         import traceback
 
         frames = [f for f in traceback.extract_tb(e.__traceback__) if "/packfmt/" in f.filename]
-        where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+        where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].name}" if frames else "?"
         sig = f"{type(e).__name__} {where}"
         seen = st.setdefault("seen", set())
         if sig not in seen:
