@@ -63,8 +63,9 @@ def _matches(key: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key.rsplit("/", 1)[-1], p) for p in patterns)
 
 
-def walk(src: str, include=(), exclude=()):
-    """(keys, paths, sizes, skipped) of the regular files under src, in deterministic order."""
+def walk(src: str, include=(), exclude=(), skip_errors: bool = False):
+    """(keys, paths, sizes, skipped) of the regular files under src, in deterministic order.  A file that
+    cannot be packed raises UnreadableFileError, or is listed in skipped with ``skip_errors``."""
     keys, paths, sizes, skipped = [], [], [], []
 
     def visit(dirpath: str, prefix: str):
@@ -95,12 +96,14 @@ def walk(src: str, include=(), exclude=()):
                 if not stat.S_ISREG(st.st_mode):
                     skipped.append(Skipped(e.path, "not a regular file"))
                     continue
-            except UnreadableFileError:
-                raise
-            except FileNotFoundError as err:
-                raise UnreadableFileError(err.errno, "dangling symlink or file vanished", e.path) from None
             except OSError as err:
-                raise UnreadableFileError(err.errno, err.strerror, e.path) from None
+                if not isinstance(err, UnreadableFileError):
+                    reason = "dangling symlink or file vanished" if isinstance(err, FileNotFoundError) else err.strerror
+                    err = UnreadableFileError(err.errno, reason, e.path)
+                if not skip_errors:
+                    raise err from None
+                skipped.append(Skipped(e.path, err.strerror))
+                continue
             keys.append(key)
             paths.append(e.path)
             sizes.append(st.st_size)
@@ -294,7 +297,7 @@ def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none"
     if label_from not in (None, "parent"):
         raise ValueError(f"label_from must be None or 'parent', got {label_from!r}")
     src = os.fspath(src)
-    keys, paths, sizes, skipped = walk(src, include, exclude)
+    keys, paths, sizes, skipped = walk(src, include, exclude, skip_errors)
     target = Target(dst, overwrite=overwrite, storage_options=storage_options)
     target.prepare()
     report = BuildReport(skipped=list(skipped))

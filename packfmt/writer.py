@@ -237,7 +237,7 @@ class Target:
         with open(self.file(mf.INCOMPLETE_MARKER), "w") as f:
             f.write(f"packfmt build in progress (pid {os.getpid()}); no manifest yet\n")
         _fsync_dir(p)
-        for e in ours - {mf.INCOMPLETE_MARKER}:
+        for e in ours - {mf.INCOMPLETE_MARKER, mf.MANIFEST_NAME}:
             os.unlink(self.file(e))
 
     def _prepare_remote(self) -> None:
