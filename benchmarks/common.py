@@ -229,14 +229,18 @@ class Timing:
 
 
 def best_of(fn, reps: int, warm=None, warmup: int = 1) -> Timing:
-    """Run fn() warmup times untimed, then reps times timed; warm() (untimed) runs first."""
+    """Run fn() warmup times untimed, then reps times timed.  warm() (untimed; returns the KiB it
+    paged in) runs first and again before every timed repetition, so that no page can have sat idle
+    long enough to be evicted when it is read."""
     warm_in = 0
     if warm is not None:
-        warm_in = warm()
+        warm_in += warm()
     for _ in range(warmup):
         fn()
     times, paged = [], 0
     for _ in range(reps):
+        if warm is not None:
+            warm_in += warm()
         k0 = pgpgin_kib()
         t0 = time.perf_counter()
         fn()
