@@ -57,7 +57,7 @@ class PageCache:
     """A handle on the shared page cache in ``directory`` (default: :func:`default_cache_dir`).
 
     ``capacity`` is the budget in bytes (or ``"10GiB"``) for everything the cache keeps on disk;
-    ``block_size`` (1-8 MiB recommended; any multiple of 16 KiB from 64 KiB to 16 MiB) the unit of
+    ``block_size`` (1-8 MiB recommended; any multiple of 4 KiB from 64 KiB to 16 MiB) the unit of
     fetching and eviction.  Leaving both out adopts an existing cache's settings (else 10 GiB /
     4 MiB, or ``$PACKFMT_CACHE_CAPACITY``).  A cache that other processes have open keeps the
     settings it was created with; :meth:`stats` tells which are in force.

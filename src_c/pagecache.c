@@ -85,7 +85,7 @@ typedef struct pc_slot {
     uint64_t length;         /* block length in bytes */
     int64_t owner_pid;       /* the last claimer, for diagnosis only */
     char label[PK_PC_LABEL_MAX]; /* "namespace\0object", truncated */
-    uint64_t sums[];         /* XXH64 of each chunk, valid when READY */
+    uint32_t sums[];         /* low 32 bits of XXH64 of each chunk, valid when READY */
 } pc_slot;
 
 _Static_assert(sizeof(pc_header) <= PC_HEADER_BYTES, "header must fit its page");
@@ -121,7 +121,7 @@ static void geom_for(uint64_t capacity, uint64_t bs, uint64_t n, pc_geom *g)
     g->bs = bs;
     g->capacity = capacity;
     g->nslots = n;
-    g->slot_size = round_up(sizeof(pc_slot) + (bs / PK_PC_CHUNK) * sizeof(uint64_t), 64);
+    g->slot_size = round_up(sizeof(pc_slot) + (bs / PK_PC_CHUNK) * sizeof(uint32_t), 64);
     g->nbuckets = next_pow2(n < 1 ? 2 : 2 * n);
     g->buckets_offset = PC_HEADER_BYTES;
     g->slots_offset = g->buckets_offset + round_up(g->nbuckets * sizeof(int32_t), 64);
@@ -638,9 +638,13 @@ int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const 
 
 /* ---- reading ------------------------------------------------------------------------------ */
 
+/* The checksum of one chunk: 32 bits per 4 KiB catch bit rot and torn pages; sample checksums
+ * (XXH64, verified by the reader) sit on top. */
+static uint32_t chunk_sum(const void *p, uint64_t len) { return (uint32_t)pk_xxh64(p, len, 0); }
+
 int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t len, void *out)
 {
-    uint64_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK];
+    uint32_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK]; /* 16 KiB at most */
     uint64_t c, c0, c1, base;
     uint8_t *dst = out;
     pc_slot *s;
@@ -657,7 +661,7 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
         gunlock(pc);
         return PK_PC_STALE;
     }
-    memcpy(sums + c0, s->sums + c0, (c1 - c0 + 1) * sizeof(uint64_t));
+    memcpy(sums + c0, s->sums + c0, (c1 - c0 + 1) * sizeof(uint32_t));
     s->ref = 1;
     gunlock(pc);
 
@@ -669,14 +673,14 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
             /* A whole chunk: copy, then hash the copy -- what is verified is what the caller gets. */
             uint8_t *d = dst + (cs - off);
             memcpy(d, pc->data + base + cs, ce - cs);
-            bad = pk_xxh64(d, ce - cs, 0) != sums[c];
+            bad = chunk_sum(d, ce - cs) != sums[c];
         } else {
             /* Part of a chunk: verify the whole chunk in place, then copy the part.  The slot cannot
              * be rewritten between the two unless it is first evicted, which bumps its generation:
              * checked below, after the copies (a seqlock read). */
             uint64_t from = cs > off ? cs : off;
             uint64_t to = ce < off + len ? ce : off + len;
-            bad = pk_xxh64(pc->data + base + cs, ce - cs, 0) != sums[c];
+            bad = chunk_sum(pc->data + base + cs, ce - cs) != sums[c];
             memcpy(dst + (from - off), pc->data + base + from, to - from);
             partial = 1;
         }
@@ -746,7 +750,7 @@ int pk_pc_abort(pk_pagecache *pc, const pk_pc_ticket *t)
 
 int pk_pc_publish(pk_pagecache *pc, const pk_pc_ticket *t, const void *data, uint64_t len)
 {
-    uint64_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK];
+    uint32_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK]; /* 16 KiB at most */
     uint64_t c, nch, off, alloc;
     pc_slot *s;
     int rc;
@@ -765,14 +769,14 @@ int pk_pc_publish(pk_pagecache *pc, const pk_pc_ticket *t, const void *data, uin
     nch = (len + PK_PC_CHUNK - 1) / PK_PC_CHUNK;
     for (c = 0; c < nch; c++) {
         uint64_t cs = c * PK_PC_CHUNK, ce = cs + PK_PC_CHUNK < len ? cs + PK_PC_CHUNK : len;
-        sums[c] = pk_xxh64((const uint8_t *)data + cs, ce - cs, 0);
+        sums[c] = chunk_sum((const uint8_t *)data + cs, ce - cs);
     }
     if ((rc = glock(pc))) return rc;
     if (!owns(pc, t)) {
         gunlock(pc);
         return -ESTALE;
     }
-    memcpy(s->sums, sums, nch * sizeof(uint64_t));
+    memcpy(s->sums, sums, nch * sizeof(uint32_t));
     s->length = len;
     s->ref = 1;
     pc->h->bytes_used += len;

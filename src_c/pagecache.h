@@ -15,8 +15,8 @@
  * the block for as long as the slot is PK_PC_FETCHING; waiters block on it.  When a fetcher dies the
  * kernel marks its mutexes owner-dead, and the next thread to touch the slot takes the claim over.
  *
- * Integrity: a block is served only from a READY slot and only after the 16 KiB chunks being read
- * have been hashed (XXH64) and compared with the sums recorded when the block was published.  A
+ * Integrity: a block is served only from a READY slot and only after the 4 KiB chunks being read
+ * have been hashed (low 32 bits of XXH64) and compared with the sums recorded when the block was published.  A
  * mismatch caused by concurrent eviction is reported PK_PC_STALE; one with the slot unchanged is
  * corruption: the slot is dropped and PK_PC_CORRUPT returned.  Either way the caller looks up again.
  *
@@ -30,7 +30,7 @@
 #include <stdint.h>
 
 #define PK_PC_LAYOUT_VERSION 1
-#define PK_PC_CHUNK (16u * 1024u)               /* checksum granule; block sizes are multiples */
+#define PK_PC_CHUNK 4096u                       /* checksum granule; block sizes are multiples */
 #define PK_PC_MIN_BLOCK (64u * 1024u)
 #define PK_PC_MAX_BLOCK (16u * 1024u * 1024u)
 #define PK_PC_DEFAULT_BLOCK (4u * 1024u * 1024u)

@@ -169,7 +169,7 @@ def test_namespace_separation(cdir, tmp_path):
 def test_corrupt_block_on_disk_is_refetched(cdir, tmp_path):
     log = str(tmp_path / "log")
     blob = blob_of("c", 4 * BS)
-    pc = PageCache(cdir, capacity=4 << 20, block_size=4 * BS)  # 16 checksum chunks per block
+    pc = PageCache(cdir, capacity=4 << 20, block_size=4 * BS)  # 64 checksum chunks per block
     fetch = CountingFetch(blob, log, bs=4 * BS)
     pc.read("ns", "c", len(blob), [(0, 10)], fetch)
     path, off, length = pc.locate("ns", "c", 0)
