@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
@@ -26,6 +27,17 @@ import numpy as np
 
 from .storage import open_store
 from .storage.base import Store
+
+
+_live_readers: "weakref.WeakSet[RemoteReader]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for r in list(_live_readers):
+        r._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RemoteReader:
@@ -54,6 +66,7 @@ class RemoteReader:
         self._pool = None
         self._pool_pid = -1
         self._lock = threading.Lock()
+        _live_readers.add(self)
 
     @property
     def stats(self):
@@ -69,6 +82,7 @@ class RemoteReader:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        _live_readers.add(self)
 
     def _executor(self) -> ThreadPoolExecutor:
         pid = os.getpid()

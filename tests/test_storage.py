@@ -386,6 +386,16 @@ def test_http_round_trip_equals_local_bytes(http_dir, nginx_server):
     assert ei.value.errno == errno.EROFS
 
 
+def test_http_follows_redirects(http_dir, nginx_server):
+    path, url = http_dir
+    with open(os.path.join(path, "s"), "wb") as f:
+        f.write(b"0123456789")
+    sub = url.rsplit("/", 1)[1]
+    store = open_store(f"{nginx_server.url}/redirect/{sub}")
+    assert store.read_ranges("s", [(2, 3)]) == [b"234"] and store.read_bytes("s") == b"0123456789"
+    assert any(r[3] == 302 and r[1] == f"/redirect/{sub}/s" for r in nginx_server.requests())
+
+
 @pytest.mark.parametrize("fault", ["status", "reset", "truncate"])
 def test_http_reads_retry_through_faults(http_dir, http_proxy, fault):
     path, url = http_dir

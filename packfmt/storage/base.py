@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import weakref
 from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -136,6 +137,19 @@ def parse_options(options: Optional[dict], extra: dict, backend: str) -> dict:
     return known
 
 
+_live_stores: "weakref.WeakSet[Store]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by some other thread at fork time would stay locked forever in the child.
+    for store in list(_live_stores):
+        store._lock = threading.Lock()
+        store.stats._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Store:
     """Base class; see the module docstring and ``docs/remote.md``."""
 
@@ -154,6 +168,7 @@ class Store:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_pid = -1
         self._lock = threading.Lock()
+        _live_stores.add(self)
 
     # --- pickling / fork safety -------------------------------------------------------
     _transient_attrs = ("_pool", "_pool_pid", "_lock")
@@ -170,6 +185,7 @@ class Store:
         self._pool_pid = -1
         self._lock = threading.Lock()
         self._reset_clients()
+        _live_stores.add(self)
 
     def _reset_clients(self):
         """Drop network clients (overridden); they are re-created on first use."""

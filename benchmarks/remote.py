@@ -1,0 +1,268 @@
+"""One shuffled epoch from a (loopback) S3 server with injected latency: packfmt vs loose objects.
+
+Usage::
+
+    python benchmarks/remote.py [--n 100000] [--latency 0.02] [--workers 2] [--batch 256]
+                                [--cache /tmp/packfmt-bench] [--out docs/benchmarks.md]
+
+Starts moto's standalone S3 server on 127.0.0.1 and, in front of it, the fault-injecting proxy of
+``tests/conftest_servers.py`` adding ``--latency`` seconds to every request (a stand-in for a real
+object store's first-byte latency; loopback has none). The proxy logs every request, so requests
+and bytes are counted on the server side, across all DataLoader workers.
+
+The dataset: ``--n`` samples of 256 B - 2 KiB (random bytes, so nothing compresses), stored raw in
+4 MiB shards, built locally and uploaded. Every run is one epoch through
+``DataLoader(PackDataset(url), batch_sampler=PackBatchSampler(mode), num_workers=W)``:
+
+* per shuffle mode (``global``: a true permutation; ``block``: locality-aware, blocks of 64
+  neighbouring samples mixed in windows of 16 blocks; ``none``: sequential),
+* with the node-local page cache cold (emptied first) and warm (the same epoch again),
+* and without a page cache (``cache=False``: coalesced ranged GETs straight from the store) —
+  for the global order this means about one GET per sample, so only the first ``--uncached-n``
+  samples of the epoch are run and the figures are per sample;
+* against the same data as loose objects, one GET per sample (a map-style dataset whose
+  ``__getitem__`` does ``get_object``), on ``--loose-n`` objects (uploading 100k objects to moto
+  would take minutes; per-sample figures do not depend on the count);
+* and the local-disk epoch of the same dataset (the warm page cache target: within 2x).
+
+Figures: requests per sample, bytes fetched / dataset bytes, samples/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import packfmt
+from packfmt.torch import PackBatchSampler, PackDataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from common import describe_machine, log, machine_info, markdown_table, update_markdown_section  # noqa: E402
+from conftest_servers import TEST_CREDENTIALS, FaultProxy, MotoServer  # noqa: E402
+
+BUCKET = "bench"
+
+
+def build(root: str, n: int) -> str:
+    """The local dataset (built once, reused)."""
+    ds_dir = os.path.join(root, f"remote-{n}")
+    if os.path.exists(os.path.join(ds_dir, "manifest.json")):
+        return ds_dir
+    shutil.rmtree(ds_dir, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(256, 2049, n)
+    blob = rng.integers(0, 256, int(sizes.max()) + n, dtype=np.uint8).tobytes()
+    t = time.perf_counter()
+    with packfmt.Writer(ds_dir, shard_size="4MiB") as w:
+        for i in range(n):
+            w.add(f"s/{i:07d}.bin", blob[i:i + sizes[i]], label=i % 100)
+    log(f"built {n} samples in {time.perf_counter() - t:.1f} s under {ds_dir}")
+    return ds_dir
+
+
+def sample_bytes(ds_dir: str) -> tuple:
+    ds = packfmt.open(ds_dir)
+    lens = np.asarray(ds.stored_lengths, dtype=np.int64)
+    return int(lens.sum()), sum(s["size"] for s in ds.manifest["shards"]), ds
+
+
+def count_collate(batch):
+    """Only what crossed into the worker matters here: (samples, bytes)."""
+    return len(batch), sum(len(x) for x in batch)
+
+
+def run_epoch(loader) -> tuple:
+    t = time.perf_counter()
+    count = nbytes = 0
+    for c, b in loader:
+        count += c
+        nbytes += b
+    return count, nbytes, time.perf_counter() - t
+
+
+class LimitedBatches:
+    """The first ``limit`` samples of a batch sampler's epoch."""
+
+    def __init__(self, sampler, limit):
+        self.sampler, self.limit = sampler, limit
+
+    def __iter__(self):
+        seen = 0
+        for b in self.sampler:
+            if seen >= self.limit:
+                return
+            b = b[:self.limit - seen]
+            seen += len(b)
+            yield b
+
+    def __len__(self):
+        return -(-min(self.limit, len(self.sampler.order())) // self.sampler.batch_size)
+
+
+class LooseObjects(Dataset):
+    """One S3 object per sample, one GET per ``__getitem__`` (what a naive loader does)."""
+
+    def __init__(self, endpoint, keys):
+        self.endpoint, self.keys, self._client = endpoint, keys, None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+            self._client = boto3.client("s3", endpoint_url=self.endpoint, config=Config(
+                s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}), **TEST_CREDENTIALS)
+        return self._client.get_object(Bucket=BUCKET, Key=self.keys[i])["Body"].read()
+
+    def __getstate__(self):
+        return {"endpoint": self.endpoint, "keys": self.keys, "_client": None}
+
+
+class LooseObjectsThreaded(LooseObjects):
+    """The strongest simple loose-object loader: a batch's GETs run on 16 threads per worker."""
+
+    def __getitems__(self, indices):
+        from concurrent.futures import ThreadPoolExecutor
+        if getattr(self, "_pool", None) is None:
+            self[indices[0]]                       # create the client once, before the threads
+            self._pool = ThreadPoolExecutor(16)
+        return list(self._pool.map(self.__getitem__, indices))
+
+    def __getstate__(self):
+        return {"endpoint": self.endpoint, "keys": self.keys, "_client": None, "_pool": None}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--latency", type=float, default=0.02, help="seconds added to every request (default 0.02)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=1 << 20, help="page cache block size (default 1 MiB)")
+    ap.add_argument("--uncached-n", type=int, default=4096, help="samples run without a page cache (global)")
+    ap.add_argument("--loose-n", type=int, default=2000, help="loose objects uploaded and read")
+    ap.add_argument("--cache", default="/tmp/packfmt-bench")
+    ap.add_argument("--out", action="append", default=[], metavar="MD",
+                    help="also write the table into this markdown file's 'remote' section (repeatable)")
+    args = ap.parse_args()
+    info = machine_info()
+    torch.set_num_threads(1)
+    W, B = args.workers, args.batch
+    os.makedirs(args.cache, exist_ok=True)
+    ds_dir = build(args.cache, args.n)
+    payload, stored, local_ds = sample_bytes(ds_dir)
+
+    moto = MotoServer(os.path.join(args.cache, "moto.log"))
+    proxy = FaultProxy(moto.endpoint)
+    try:
+        s3 = moto.client()
+        s3.create_bucket(Bucket=BUCKET)
+        t = time.perf_counter()
+        names = ["manifest.json", "index.arrow"] + [s["name"] for s in local_ds.manifest["shards"]]
+        for name in names:
+            s3.upload_file(os.path.join(ds_dir, name), BUCKET, f"ds/{name}")
+        log(f"uploaded {len(names)} objects in {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        loose_idx = np.random.default_rng(1).choice(args.n, size=min(args.loose_n, args.n), replace=False)
+        loose_keys = [f"loose/{i:07d}.bin" for i in loose_idx]
+        for i, key in zip(loose_idx.tolist(), loose_keys):
+            s3.put_object(Bucket=BUCKET, Key=key, Body=local_ds[i])
+        log(f"uploaded {len(loose_keys)} loose objects in {time.perf_counter() - t:.1f} s")
+
+        url = f"s3://{BUCKET}/ds"
+        opts = dict(TEST_CREDENTIALS, endpoint_url=proxy.url)
+        proxy.latency = args.latency
+        rows = []
+
+        def measure(name, loader, samples_expected, note=""):
+            proxy.reset()
+            proxy.latency = args.latency
+            count, nbytes, dt = run_epoch(loader)
+            assert count == samples_expected, (name, count, samples_expected)
+            gets = proxy.log("GET")
+            opens = sum(1 for e in gets if e.path.endswith(("/manifest.json", "/index.arrow")))
+            data_gets = [e for e in gets if not e.path.endswith(("/manifest.json", "/index.arrow"))]
+            fetched = sum(e.sent for e in data_gets)
+            row = dict(name=name, samples=count, rate=count / dt, req=len(data_gets) / count,
+                       opens=opens, ratio=fetched / (payload * count / args.n), secs=dt, note=note)
+            rows.append(row)
+            log(f"{name}: {count / dt:,.0f} samples/s, {len(data_gets)} GETs "
+                f"(1 per {count / max(1, len(data_gets)):.0f} samples), fetched {fetched / 2**20:.1f} MiB "
+                f"({row['ratio']:.2f}x), {dt:.1f} s")
+            return row
+
+        def loader_for(source, mode, limit=None, open_kwargs=None):
+            ds = PackDataset(source, open_kwargs=open_kwargs)
+            sampler = PackBatchSampler(ds, B, seed=0, epoch=1, mode=mode, block_size=64, window=16)
+            bs = sampler if limit is None else LimitedBatches(sampler, limit)
+            return DataLoader(ds, batch_sampler=bs, num_workers=W, collate_fn=count_collate, prefetch_factor=4)
+
+        # local disk, the target of the warm epoch
+        local_rows = {}
+        for mode in ("global", "block"):
+            proxy.latency = 0
+            local_rows[mode] = measure(f"local disk, {mode}", loader_for(ds_dir, mode), args.n)
+        for mode in ("global", "block", "none"):
+            cdir = os.path.join(args.cache, f"pagecache-{mode}")
+            shutil.rmtree(cdir, ignore_errors=True)
+            from packfmt.cache import PageCache
+            PageCache(cdir, capacity=4 * stored + (64 << 20), block_size=args.block_size).close()
+            kw = dict(storage_options=opts, cache=cdir)
+            measure(f"S3 {mode}, page cache cold", loader_for(url, mode, open_kwargs=kw), args.n)
+            r = measure(f"S3 {mode}, page cache warm", loader_for(url, mode, open_kwargs=kw), args.n)
+            if mode in local_rows:
+                r["note"] = f"{local_rows[mode]['rate'] / r['rate']:.2f}x slower than local disk"
+        kw = dict(storage_options=opts, cache=False)
+        for mode in ("global", "block", "none"):
+            limit = args.uncached_n if mode == "global" else None
+            measure(f"S3 {mode}, no page cache", loader_for(url, mode, limit=limit, open_kwargs=kw),
+                    limit or args.n, note=f"first {limit:,} samples of the epoch" if limit else "")
+        loose = DataLoader(LooseObjects(proxy.url, loose_keys), batch_size=B, shuffle=True, num_workers=W,
+                           collate_fn=count_collate, prefetch_factor=4)
+        base = measure("loose objects, 1 GET per sample", loose, len(loose_keys),
+                       note=f"{len(loose_keys):,} objects; the baseline")
+        loose = DataLoader(LooseObjectsThreaded(proxy.url, loose_keys), batch_size=B, shuffle=True,
+                           num_workers=W, collate_fn=count_collate, prefetch_factor=4)
+        measure("loose objects, 16 GETs in flight per worker", loose, len(loose_keys),
+                note=f"{len(loose_keys):,} objects")
+    finally:
+        proxy.stop()
+        moto.stop()
+
+    for r in rows:
+        r["vs"] = r["rate"] / base["rate"]
+    table = markdown_table(
+        ["run", "samples", "GETs / sample", "samples / GET", "bytes fetched / dataset bytes", "samples/s",
+         "vs loose objects", "note"],
+        [[r["name"], f"{r['samples']:,}", f"{r['req']:.4f}", f"{1 / r['req']:.0f}" if r["req"] else "-",
+          f"{r['ratio']:.3f}", f"{r['rate']:,.0f}", f"{r['vs']:.1f}x", r["note"]] for r in rows],
+        align="lrrrrrrl")
+    intro = (f"{args.n:,} samples of 256 B-2 KiB ({payload / 2**20:.0f} MiB of samples, {stored / 2**20:.0f} MiB "
+             f"stored in {len(local_ds.shards)} shards of 4 MiB), read from moto's S3 server on 127.0.0.1 through a "
+             f"proxy adding {args.latency * 1000:.0f} ms to every request; one epoch through "
+             f"`DataLoader(num_workers={W})` with batches of {B}; page cache blocks of "
+             f"{args.block_size >> 10} KiB. GETs and bytes are counted at the proxy (all workers), without "
+             f"the 2 GETs (manifest, index) each process spends to open the dataset. "
+             f"Machine: {describe_machine(info)}.")
+    print(intro)
+    print(table)
+    body = intro + "\n\n" + table + (
+        f"\n\nCommand: `python benchmarks/remote.py --n {args.n} --latency {args.latency} --workers {W} "
+        f"--batch {B}`\n")
+    for path in args.out:
+        update_markdown_section(path, "remote", "Remote reads from S3 (benchmarks/remote.py)", body)
+
+
+if __name__ == "__main__":
+    main()
