@@ -1,6 +1,7 @@
 # Bindings of the node-local page cache (src_c/pagecache.h).  Included at the end of _core.pyx.
 # A thin layer: packfmt/cache.py orchestrates lookups, fetches and waits.  Every call that can touch
 # the index lock, the disk or a wait runs with the GIL released.
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport EDQUOT, EIO, ENOSPC, ESTALE
 from libc.stdint cimport int64_t, uint64_t
@@ -30,6 +31,39 @@ cdef int _pc_check(int rc, str what) except -1:
     if rc < 0:
         raise OSError(-rc, _pc_os.strerror(-rc), what)
     return rc
+
+
+def pagecache_plan(ranges, int64_t block_size, int64_t object_size, str object_name):
+    """Split (offset, length) ranges of an object into per-block pieces.
+
+    Returns (results, pieces, multi): results has b"" for empty ranges and None elsewhere; pieces
+    maps block number -> [(range index, offset in block, length, offset in range)]; multi maps the
+    index of each range spanning several blocks to a bytearray it is assembled in."""
+    cdef Py_ssize_t ri, nr = len(ranges)
+    cdef int64_t off, n, b, b0, b1, s, e
+    cdef list results = [None] * nr
+    cdef dict pieces = {}
+    cdef dict multi = {}
+    cdef list lst
+    for ri in range(nr):
+        off, n = ranges[ri]
+        if off < 0 or n < 0 or off > object_size or n > object_size - off:
+            raise ValueError(f"range ({off}, {n}) outside {object_name!r} ({object_size} bytes)")
+        if n == 0:
+            results[ri] = b""
+            continue
+        b0 = off // block_size
+        b1 = (off + n - 1) // block_size
+        if b0 != b1:
+            multi[ri] = bytearray(n)
+        for b in range(b0, b1 + 1):
+            s = max(off, b * block_size)
+            e = min(off + n, (b + 1) * block_size)
+            lst = pieces.get(b)
+            if lst is None:
+                lst = pieces[b] = []
+            lst.append((ri, s - b * block_size, e - s, s - off))
+    return results, pieces, multi
 
 
 cdef class PageCacheTicket:
@@ -124,6 +158,48 @@ cdef class PageCacheHandle:
             t.status = rc
             return None
         return out
+
+    def serve(self, PageCacheTicket t, list plist, list results, dict multi):
+        """Copy every piece of pagecache_plan()'s list for t's block into place (one lock trip):
+        a new bytes object in results[ri] for a range within the block, else into multi[ri].
+        Returns True, or False (t.status says why) if the block went stale or corrupt."""
+        cdef pk_pagecache *pc = self._get()
+        cdef Py_ssize_t i, n = len(plist)
+        cdef pk_pc_piece *pieces
+        cdef list outs = [None] * n
+        cdef int64_t boff, ln, roff
+        cdef bytes b
+        cdef int rc
+        if n == 0:
+            return True
+        pieces = <pk_pc_piece *>malloc(n * sizeof(pk_pc_piece))
+        if pieces == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                ri, boff, ln, roff = plist[i]
+                dst = multi.get(ri)
+                if dst is not None:
+                    if roff < 0 or ln < 0 or roff + ln > PyByteArray_GET_SIZE(dst):
+                        raise ValueError("piece outside its range buffer")
+                    pieces[i].dst = PyByteArray_AS_STRING(dst) + roff
+                else:
+                    b = PyBytes_FromStringAndSize(NULL, ln)
+                    outs[i] = b
+                    pieces[i].dst = PyBytes_AS_STRING(b)
+                pieces[i].off = boff
+                pieces[i].len = ln
+            with nogil:
+                rc = pk_pc_copy_pieces(pc, &t.t, pieces, n)
+        finally:
+            free(pieces)
+        if _pc_check(rc, "page cache read"):
+            t.status = rc
+            return False
+        for i in range(n):
+            if outs[i] is not None:
+                results[plist[i][0]] = outs[i]
+        return True
 
     def copy_into(self, PageCacheTicket t, uint64_t off, uint64_t length, unsigned char[::1] dst,
                   size_t dst_off):

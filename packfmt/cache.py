@@ -146,31 +146,14 @@ class PageCache:
         return exactly those bytes in order.  Blocks another process is fetching are waited for.
         Results are bytes-like (``bytes`` or ``memoryview``), in the order of ``ranges``.
         """
+        core = _core()
         object_size = int(object_size)
         h = self._h()
         bs = int(h.block_size)
         ns = namespace.encode("utf-8", "surrogatepass")
         obj = object_name.encode("utf-8", "surrogatepass")
-        label = (ns + b"\0" + obj)[:_core().PAGECACHE_LABEL_MAX]
-
-        results: List = [None] * len(ranges)
-        multi: Dict[int, bytearray] = {}       # ranges spanning blocks are assembled here
-        pieces: Dict[int, list] = {}           # block -> [(range index, offset in block, length, offset in range)]
-        for ri, (off, n) in enumerate(ranges):
-            off, n = int(off), int(n)
-            if off < 0 or n < 0 or off + n > object_size:
-                raise ValueError(f"range ({off}, {n}) outside {object_name!r} ({object_size} bytes)")
-            if n == 0:
-                results[ri] = b""
-                continue
-            b0, b1 = off // bs, (off + n - 1) // bs
-            if b0 != b1:
-                multi[ri] = bytearray(n)
-            for b in range(b0, b1 + 1):
-                s, e = max(off, b * bs), min(off + n, (b + 1) * bs)
-                pieces.setdefault(b, []).append((ri, s - b * bs, e - s, s - off))
-
-        core = _core()
+        label = (ns + b"\0" + obj)[:core.PAGECACHE_LABEL_MAX]
+        results, pieces, multi = core.pagecache_plan(ranges, bs, object_size, object_name)
         READY, BUSY, CLAIMED = core.PC_READY, core.PC_BUSY, core.PC_CLAIMED
         pending = sorted(pieces)
         while pending:
@@ -180,7 +163,7 @@ class PageCache:
                     t = h.lookup(ns, obj, b, min(bs, object_size - b * bs), label)
                     st = t.status
                     if st == READY:
-                        if self._serve_cached(h, t, pieces[b], results, multi):
+                        if h.serve(t, pieces[b], results, multi):
                             self._local["hits"] += 1
                         else:
                             again.append(b)       # evicted or corrupt meanwhile: look up again
@@ -206,20 +189,6 @@ class PageCache:
         for ri, buf in multi.items():
             results[ri] = memoryview(buf)
         return results
-
-    @staticmethod
-    def _serve_cached(h, t, plist, results, multi) -> bool:
-        for ri, boff, n, roff in plist:
-            dst = multi.get(ri)
-            if dst is not None:
-                if not h.copy_into(t, boff, n, dst, roff):
-                    return False
-            else:
-                data = h.copy(t, boff, n)
-                if data is None:
-                    return False
-                results[ri] = data
-        return True
 
     def _fetch(self, h, object_size, bs, claimed, fetch, pieces, results, multi):
         # Merge runs of consecutive blocks into one range each.

@@ -642,20 +642,53 @@ int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const 
  * (XXH64, verified by the reader) sit on top. */
 static uint32_t chunk_sum(const void *p, uint64_t len) { return (uint32_t)pk_xxh64(p, len, 0); }
 
-int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t len, void *out)
+/* Copy one piece out of slot data at `base`, verifying the chunks it touches against sums (indexed
+ * by chunk number).  Returns nonzero if a chunk did not match; *partial is set if a chunk was
+ * verified in place rather than in the caller's buffer. */
+static int copy_piece(const pk_pagecache *pc, uint64_t base, uint64_t length, const uint32_t *sums,
+                      uint64_t off, uint64_t len, uint8_t *dst, int *partial)
+{
+    uint64_t c, c0 = off / PK_PC_CHUNK, c1 = (off + len - 1) / PK_PC_CHUNK;
+    for (c = c0; c <= c1; c++) {
+        uint64_t cs = c * PK_PC_CHUNK;
+        uint64_t ce = cs + PK_PC_CHUNK < length ? cs + PK_PC_CHUNK : length;
+        if (cs >= off && ce <= off + len) {
+            /* A whole chunk: copy, then hash the copy -- what is verified is what the caller gets. */
+            uint8_t *d = dst + (cs - off);
+            memcpy(d, pc->data + base + cs, ce - cs);
+            if (chunk_sum(d, ce - cs) != sums[c]) return 1;
+        } else {
+            /* Part of a chunk: verify the whole chunk in place, then copy the part.  The slot cannot
+             * be rewritten between the two unless it is first evicted, which bumps its generation:
+             * the caller checks that after the copies (a seqlock read). */
+            uint64_t from = cs > off ? cs : off;
+            uint64_t to = ce < off + len ? ce : off + len;
+            if (chunk_sum(pc->data + base + cs, ce - cs) != sums[c]) return 1;
+            memcpy(dst + (from - off), pc->data + base + from, to - from);
+            *partial = 1;
+        }
+    }
+    return 0;
+}
+
+int pk_pc_copy_pieces(pk_pagecache *pc, const pk_pc_ticket *t, const pk_pc_piece *pieces, size_t n)
 {
     uint32_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK]; /* 16 KiB at most */
-    uint64_t c, c0, c1, base;
-    uint8_t *dst = out;
+    uint64_t c0 = UINT64_MAX, c1 = 0, base;
     pc_slot *s;
+    size_t i;
     int rc, bad = 0, partial = 0;
 
-    if (t->slot < 0 || (uint64_t)t->slot >= pc->nslots || off > t->length || len > t->length - off)
-        return -EINVAL;
-    if (len == 0) return 0;
+    if (t->slot < 0 || (uint64_t)t->slot >= pc->nslots) return -EINVAL;
+    for (i = 0; i < n; i++) {
+        const pk_pc_piece *p = &pieces[i];
+        if (p->off > t->length || p->len > t->length - p->off) return -EINVAL;
+        if (p->len == 0) continue;
+        if (p->off / PK_PC_CHUNK < c0) c0 = p->off / PK_PC_CHUNK;
+        if ((p->off + p->len - 1) / PK_PC_CHUNK > c1) c1 = (p->off + p->len - 1) / PK_PC_CHUNK;
+    }
+    if (c0 == UINT64_MAX) return 0; /* nothing to copy */
     s = slot_at(pc, (uint64_t)t->slot);
-    c0 = off / PK_PC_CHUNK;
-    c1 = (off + len - 1) / PK_PC_CHUNK;
     if ((rc = glock(pc))) return rc;
     if (s->gen != t->gen || s->state != PC_READY || s->length != t->length) {
         gunlock(pc);
@@ -666,24 +699,9 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
     gunlock(pc);
 
     base = (uint64_t)t->slot * pc->bs;
-    for (c = c0; c <= c1 && !bad; c++) {
-        uint64_t cs = c * PK_PC_CHUNK;
-        uint64_t ce = cs + PK_PC_CHUNK < t->length ? cs + PK_PC_CHUNK : t->length;
-        if (cs >= off && ce <= off + len) {
-            /* A whole chunk: copy, then hash the copy -- what is verified is what the caller gets. */
-            uint8_t *d = dst + (cs - off);
-            memcpy(d, pc->data + base + cs, ce - cs);
-            bad = chunk_sum(d, ce - cs) != sums[c];
-        } else {
-            /* Part of a chunk: verify the whole chunk in place, then copy the part.  The slot cannot
-             * be rewritten between the two unless it is first evicted, which bumps its generation:
-             * checked below, after the copies (a seqlock read). */
-            uint64_t from = cs > off ? cs : off;
-            uint64_t to = ce < off + len ? ce : off + len;
-            bad = chunk_sum(pc->data + base + cs, ce - cs) != sums[c];
-            memcpy(dst + (from - off), pc->data + base + from, to - from);
-            partial = 1;
-        }
+    for (i = 0; i < n && !bad; i++) {
+        if (pieces[i].len)
+            bad = copy_piece(pc, base, t->length, sums, pieces[i].off, pieces[i].len, pieces[i].dst, &partial);
     }
     if (!bad && partial) {
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -701,6 +719,15 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
     }
     gunlock(pc);
     return rc;
+}
+
+int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t len, void *out)
+{
+    pk_pc_piece p;
+    p.off = off;
+    p.len = len;
+    p.dst = out;
+    return pk_pc_copy_pieces(pc, t, &p, 1);
 }
 
 /* ---- fetch completion --------------------------------------------------------------------- */

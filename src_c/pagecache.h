@@ -118,6 +118,17 @@ int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const 
  * Returns 0, PK_PC_STALE, PK_PC_CORRUPT or -errno. */
 int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t len, void *out);
 
+/* One piece of a block to copy out: bytes [off, off+len) of the block into dst. */
+typedef struct pk_pc_piece {
+    uint64_t off;
+    uint64_t len;
+    void *dst;
+} pk_pc_piece;
+
+/* pk_pc_copy() for n pieces of one block, with one trip through the index lock.  On PK_PC_STALE or
+ * PK_PC_CORRUPT the contents of every dst are undefined. */
+int pk_pc_copy_pieces(pk_pagecache *pc, const pk_pc_ticket *t, const pk_pc_piece *pieces, size_t n);
+
 /* Store the fetched block (exactly t->length bytes) and make it visible; wakes waiters.  Must be
  * called by the thread that claimed it.  On failure (disk full, ...) the claim is aborted. */
 int pk_pc_publish(pk_pagecache *pc, const pk_pc_ticket *t, const void *data, uint64_t len);

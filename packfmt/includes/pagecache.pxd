@@ -66,6 +66,12 @@ cdef extern from "pagecache.h" nogil:
     int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const char *label,
                      size_t label_len, pk_pc_ticket *t)
     int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t len, void *out)
+    ctypedef struct pk_pc_piece:
+        uint64_t off
+        uint64_t len
+        void *dst
+
+    int pk_pc_copy_pieces(pk_pagecache *pc, const pk_pc_ticket *t, const pk_pc_piece *pieces, size_t n)
     int pk_pc_publish(pk_pagecache *pc, const pk_pc_ticket *t, const void *data, uint64_t len)
     int pk_pc_abort(pk_pagecache *pc, const pk_pc_ticket *t)
     int pk_pc_wait(pk_pagecache *pc, const pk_pc_ticket *t, int timeout_ms)

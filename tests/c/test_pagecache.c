@@ -170,6 +170,15 @@ static void test_full_block_chunks(void)
             CHECK(memcmp(out, data + off, len) == 0);
         }
     }
+    { /* several pieces in one call, in any order, overlapping, empty */
+        static uint8_t o2[4 * BS];
+        pk_pc_piece ps[4] = {{3 * BS + 5, 60000, out}, {0, 0, o2}, {10, 5000, o2 + 100}, {4 * BS - 1, 1, o2 + 9000}};
+        CHECK(pk_pc_copy_pieces(pc, &t, ps, 4) == 0);
+        CHECK(memcmp(out, data + 3 * BS + 5, 60000) == 0);
+        CHECK(memcmp(o2 + 100, data + 10, 5000) == 0 && o2[9000] == data[4 * BS - 1]);
+        ps[0].len = BS; /* past the end */
+        CHECK(pk_pc_copy_pieces(pc, &t, ps, 4) == -EINVAL);
+    }
     pk_pc_close(pc);
     printf("ok chunks\n");
 }
