@@ -510,3 +510,49 @@ def test_interrupted_lookup_gives_claims_back(cdir):
     assert pc.stats()["blocks_fetching"] == 0
     pc._handle = real
     assert bytes(pc.read("ns", "i", len(blob), [(0, len(blob))], lambda rs: [blob[o:o + n] for o, n in rs])[0]) == blob
+
+
+def _gated_fetcher(cdir, log, started, gate):
+    pc = PageCache(cdir, capacity=4 << 20, block_size=BS)
+    blob = blob_of("st", 4 * BS)
+    counting = CountingFetch(blob, log, "st")
+
+    def fetch(ranges):
+        started.set()
+        assert gate.wait(60)
+        return counting(ranges)
+
+    ok = bytes(pc.read("ns", "st", 4 * BS, [(0, 4 * BS)], fetch)[0]) == blob
+    os._exit(0 if ok else 1)
+
+
+def _stampede_reader(cdir, log, i):
+    pc = PageCache(cdir, capacity=4 << 20, block_size=BS)
+    blob = blob_of("st", 4 * BS)
+    rs = [(i * 1000, 3 * BS), (4 * BS - 10, 10)]
+    got = pc.read("ns", "st", 4 * BS, rs, CountingFetch(blob, log, "st"))
+    os._exit(0 if [bytes(g) for g in got] == [blob[o:o + n] for o, n in rs] else 1)
+
+
+def test_stampede_fetches_once(cdir, tmp_path):
+    """Many processes want the same blocks at the same moment: one fetches, the others wait."""
+    log = str(tmp_path / "log")
+    pc = PageCache(cdir, capacity=4 << 20, block_size=BS)
+    started, gate = FORK.Event(), FORK.Event()
+    first = FORK.Process(target=_gated_fetcher, args=(cdir, log, started, gate))
+    first.start()
+    assert started.wait(60)  # it holds all four blocks
+    others = [FORK.Process(target=_stampede_reader, args=(cdir, log, i)) for i in range(4)]
+    for p in others:
+        p.start()
+    deadline = time.monotonic() + 60
+    # each reader finds all 4 blocks claimed (4 waits counted) before it blocks on the first one
+    while pc.stats()["waits"] < 4 * len(others):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    gate.set()
+    for p in [first] + others:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted(fetched(log)) == [("st", str(b)) for b in range(4)]
+    assert pc.stats()["takeovers"] == 0
