@@ -60,8 +60,12 @@ class _RemoteShard:
     def __init__(self, ds, s):
         self.data = ds._store.read_ranges(s.name, [(0, s.size)])[0]
         tail = _core.ENTRY_SIZE * s.records + _core.FOOTER_SIZE
-        self.info = _core.check_tail(self.data[-tail:] if tail <= len(self.data) else self.data, len(self.data),
-                                     ds._store.object_url(s.name))
+        name = ds._store.object_url(s.name)
+        self.info = _core.check_tail(self.data[-tail:] if tail <= len(self.data) else self.data, len(self.data), name)
+        head = self.data[:_core.HEADER_SIZE]
+        if head[:8] != _core.MAGIC or _core.xxh64(head[:24]) != int.from_bytes(head[24:32], "little"):
+            raise PackError(f"{name}: bad shard header (magic or checksum)")
+        self.info["dict_id"] = int.from_bytes(head[16:20], "little")
 
     def hash_range(self, a, b):
         return _core.xxh64(memoryview(self.data)[a:b])
@@ -108,6 +112,9 @@ def verify_dataset(ds, progress=None, max_report: int = 1000) -> VerifyReport:
             info = shard.info
             if info["records"] != s.records:
                 problem(f"{s.name}: shard holds {info['records']} records, the manifest says {s.records}")
+            want_dict = m.dictionary["dict_id"] if m.dictionary is not None else None
+            if info["flags"] & _core.SHARD_HAS_DICT and info.get("dict_id", want_dict) != want_dict:
+                problem(f"{s.name}: shard was compressed with dictionary {info['dict_id']}, the dataset's is {want_dict}")
             whole = shard.hash_range(0, info["file_size"])
             if whole != s.checksum:
                 problem(f"{s.name}: file checksum {whole:016x} differs from the manifest's {s.checksum:016x}")

@@ -73,10 +73,14 @@ static int emit(pk_writer *w, const uint8_t *p, size_t len, pk_error *err) {
 
 int pk_writer_open(const char *path, uint32_t flags, uint32_t dict_id, pk_writer **out, pk_error *err) {
     *out = NULL;
+    if (flags & ~PK_SHARD_FLAGS_KNOWN) return pk_fail(err, PK_E_RANGE, 0, 0, flags, "unknown shard flags");
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) return io_fail(err, errno, 0, "creating shard file");
     int rc = pk_writer_open_fd(fd, flags, dict_id, out, err);
-    if (rc) close(fd);
+    if (rc) {
+        close(fd);
+        unlink(path); /* leave nothing behind: a retry must not meet EEXIST */
+    }
     return rc;
 }
 
