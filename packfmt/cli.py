@@ -225,6 +225,38 @@ def cmd_extract(a) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- bench
+def cmd_bench(a) -> int:
+    """Random-access throughput of one dataset on this machine, as a training job would read it."""
+    import time
+
+    import numpy as np
+
+    import packfmt
+    ds = packfmt.open(a.dataset, verify=not a.no_verify)
+    n = len(ds)
+    if n == 0:
+        err(f"{a.dataset}: empty dataset")
+        return EXIT_FAIL
+    rng = np.random.default_rng(a.seed)
+    rows = []
+    for name, size in (("get_batch", a.batch_size), ("ds[i]", 1)):
+        count = nbytes = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < a.seconds:
+            idx = rng.integers(0, n, size=size)
+            got = ds.get_batch(idx) if size > 1 else [ds[int(idx[0])]]
+            count += len(got)
+            nbytes += sum(map(len, got))
+        dt = time.perf_counter() - start
+        rows.append([name if size == 1 else f"{name}({size})", f"{count / dt:,.0f}", f"{nbytes / dt / 1e6:,.1f}"])
+    print(table(rows, ["read", "samples/s", "MB/s"], "<>>"))
+    stats = getattr(ds, "_store").stats
+    if ds._remote:
+        print(f"requests: {stats}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- main
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pack", description="Pack small files into indexed shards and read them back.")
@@ -278,6 +310,14 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--progress", action="store_true")
     x.add_argument("-q", "--quiet", action="store_true")
     x.set_defaults(func=cmd_extract)
+
+    bn = sub.add_parser("bench", help="measure random-access throughput of a dataset on this machine")
+    bn.add_argument("dataset", metavar="DATASET")
+    bn.add_argument("--seconds", type=float, default=3.0, help="time per measurement (default 3)")
+    bn.add_argument("--batch-size", type=int, default=256)
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    bn.set_defaults(func=cmd_bench)
 
     for module in ("packfmt.cache",):
         try:

@@ -234,3 +234,12 @@ def test_usage_errors_exit_2(tmp_path):
     assert r.returncode == 2
     r = pack("build", tmp_path, tmp_path / "x", "--compression", "lz4", check=False)
     assert r.returncode == 1 and b"unknown compression" in r.stderr
+
+
+def test_bench(tmp_path):
+    make_tree(tmp_path / "src")
+    pack("build", tmp_path / "src", tmp_path / "ds", "--compression", "zstd")
+    out = pack("bench", tmp_path / "ds", "--seconds", "0.2", "--batch-size", "4").stdout.decode().splitlines()
+    assert out[0].split() == ["read", "samples/s", "MB/s"]
+    assert out[1].startswith("get_batch(4)") and out[2].startswith("ds[i]")
+    assert float(out[1].split()[1].replace(",", "")) > 0
