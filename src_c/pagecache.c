@@ -101,6 +101,7 @@ struct pk_pagecache {
     pc_header *h;
     int32_t *buckets;
     uint64_t bs, nslots, slot_size, nbuckets, nchunks;
+    int64_t claims;          /* claims taken through this handle and not yet published/aborted */
 };
 
 typedef struct pc_geom {
@@ -503,6 +504,10 @@ fail:
 void pk_pc_close(pk_pagecache *pc)
 {
     if (!pc) return;
+    /* A thread of ours still holds a fetch mutex.  If the mapping went away and the process then
+     * died, the kernel could not mark that mutex owner-dead and the slot would stay claimed for good.
+     * Keep everything mapped until the process exits instead (a small, deliberate leak). */
+    if (__atomic_load_n(&pc->claims, __ATOMIC_ACQUIRE) > 0) return;
     if (pc->data) munmap(pc->data, pc->data_size);
     if (pc->index) munmap(pc->index, pc->index_size);
     if (pc->dfd >= 0) close(pc->dfd);
@@ -605,6 +610,7 @@ int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const 
             pc->h->misses++;
             t->slot = i;
             t->gen = s->gen;
+            __atomic_add_fetch(&pc->claims, 1, __ATOMIC_RELAXED);
             gunlock(pc);
             return PK_PC_CLAIMED;
         }
@@ -632,6 +638,7 @@ int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const 
     pc->h->nfetching++;
     t->slot = i;
     t->gen = s->gen;
+    __atomic_add_fetch(&pc->claims, 1, __ATOMIC_RELAXED);
     gunlock(pc);
     return PK_PC_CLAIMED;
 }
@@ -771,6 +778,7 @@ int pk_pc_abort(pk_pagecache *pc, const pk_pc_ticket *t)
     if (pc->h->nfetching) pc->h->nfetching--;
     punch_slot(pc, (uint64_t)t->slot);
     pthread_mutex_unlock(&s->fetch.m); /* wakes the waiters; they will claim it themselves */
+    __atomic_sub_fetch(&pc->claims, 1, __ATOMIC_RELEASE);
     gunlock(pc);
     return 0;
 }
@@ -813,6 +821,7 @@ int pk_pc_publish(pk_pagecache *pc, const pk_pc_ticket *t, const void *data, uin
     /* Data and sums are in place before the state says READY (matters if we die right here). */
     __atomic_store_n(&s->state, (uint32_t)PC_READY, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&s->fetch.m);
+    __atomic_sub_fetch(&pc->claims, 1, __ATOMIC_RELEASE);
     gunlock(pc);
     return 0;
 }

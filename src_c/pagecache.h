@@ -102,6 +102,9 @@ typedef struct pk_pc_entry {
  * PK_PC_MAX_BLOCK].  If the cache exists with another geometry it is rebuilt (emptied) when no other
  * process has it open, and adopted as it is otherwise; pk_pc_stats() tells what was used. */
 int pk_pc_open(const char *dir, uint64_t capacity, uint64_t block_size, int flags, pk_pagecache **out);
+/* Unmap and close.  No other thread may be inside a call on pc.  If claims taken through pc are
+ * still open (neither published nor aborted), the mappings are deliberately kept until the process
+ * exits, so that its death still releases them. */
 void pk_pc_close(pk_pagecache *pc);
 
 /* Build the key of block `block` of object `obj` in namespace `ns` (byte strings, any content). */

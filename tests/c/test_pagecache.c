@@ -399,15 +399,26 @@ static void test_reopen(void)
     pk_pc_counters st;
     pk_pc_key k;
     pk_pc_ticket t;
+    int status;
+    pid_t pid;
 
     CHECK(pk_pc_open(dir, 16 * BS, BS, 0, &a) == 0);
     read_block(a, "n", 0, BS, 0, NULL);
     key(&k, "n", "obj", 1);
-    CHECK(pk_pc_lookup(a, &k, BS, "", 0, &t) == PK_PC_CLAIMED); /* left in flight */
-    CHECK(pk_pc_open(dir, 32 * BS, 2 * BS, 0, &b) == 0);       /* shared: adopts */
+    CHECK(pk_pc_open(dir, 32 * BS, 2 * BS, 0, &b) == 0); /* shared: adopts */
     CHECK(pk_pc_stats(b, &st) == 0 && st.block_size == BS && st.blocks_ready == 1);
     pk_pc_close(b);
-    pk_pc_close(a); /* closed mid-fetch */
+    pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) { /* closes the handle with a claim open, then exits: the claim dies with it */
+        pk_pc_close(a);
+        if (pk_pc_open(dir, 16 * BS, BS, PK_PC_ADOPT, &b) != 0) _exit(2);
+        if (pk_pc_lookup(b, &k, BS, "", 0, &t) != PK_PC_CLAIMED) _exit(3);
+        pk_pc_close(b); /* kept mapped: a claim is open */
+        _exit(0);
+    }
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    pk_pc_close(a);
     CHECK(pk_pc_open(dir, 16 * BS, BS, PK_PC_ADOPT, &a) == 0); /* alone, same geometry: recovers */
     CHECK(pk_pc_stats(a, &st) == 0 && st.blocks_ready == 1 && st.blocks_fetching == 0);
     CHECK(pk_pc_lookup(a, &k, BS, "", 0, &t) == PK_PC_CLAIMED);
