@@ -1,0 +1,70 @@
+"""packfmt: `pack build` (packfmt.build.build_dataset) and packfmt.open / PackDataset."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from base import Adapter, Reader, identity_collate
+
+
+class PackReader(Reader):
+    def __init__(self, out, n):
+        import packfmt
+        self.ds = packfmt.open(out)
+        self.n = n
+        assert len(self.ds) == n, (len(self.ds), n)
+        self.out = out
+        self._batch = self.ds.get_batch
+        # The build walks names sorted by code point at every level; for the benchmark tree this is
+        # the same order as sorted(rels), which the harness checks byte for byte anyway.
+
+    def get(self, i):
+        return self.ds[i]
+
+    def get_batch(self, idx):
+        return self._batch(idx)
+
+    def iter_all(self):
+        for batch in self.ds.iter_batches(1024):
+            yield from batch
+
+    def loader(self, batch_size, num_workers, seed):
+        from torch.utils.data import DataLoader
+        from packfmt.torch import PackBatchSampler, PackDataset
+        ds = PackDataset(self.out)
+        sampler = PackBatchSampler(ds, batch_size=batch_size, seed=seed, mode="global")
+        return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=identity_collate,
+                          persistent_workers=False)
+
+    def close(self):
+        self.ds.close()
+
+
+class PackAdapter(Adapter):
+    name = "packfmt"
+    requires = ("packfmt",)
+    compressions = ("none", "zstd", "zstd-dict")
+    kind = "indexed shards + Arrow index"
+    loader_kind = "PackDataset + PackBatchSampler (one get_batch per batch)"
+
+    def __init__(self):
+        # pack build uses one worker per CPU by default; run.py also builds with PEERS_PACKFMT_WORKERS=1
+        # to compare with the single-process peers.
+        w = os.environ.get("PEERS_PACKFMT_WORKERS")
+        self.workers = int(w) if w else None
+
+    def _import(self):
+        import packfmt  # noqa: F401
+        import packfmt.build  # noqa: F401
+
+    def build(self, src, rels, out, compression):
+        from packfmt.build import build_dataset
+        build_dataset(src, out, compression=compression, workers=self.workers, progress=False)
+
+    def open(self, out, rels):
+        return PackReader(out, len(rels))
+
+
+ADAPTER = PackAdapter()
