@@ -66,6 +66,7 @@ class RemoteReader:
         self._pool = None
         self._pool_pid = -1
         self._lock = threading.Lock()
+        self._missed_last = True
         _live_readers.add(self)
 
     @property
@@ -97,10 +98,37 @@ class RemoteReader:
         """The cache's miss handler: ranged reads of one shard."""
         return self.store.read_ranges(name, list(ranges), max_gap=self.max_gap, max_request=self.max_request)
 
-    def _read_shard_cached(self, shard: int, ranges):
+    def _read_shard_cached(self, shard: int, ranges, missed=None):
         name = self.shard_names[shard]
-        return self.cache.read(self.namespace, name, int(self.shard_sizes[shard]), ranges,
-                               fetch=lambda rs: self._fetch(name, rs))
+
+        def fetch(rs):
+            if missed is not None:
+                missed.append(name)
+            return self._fetch(name, rs)
+        return self.cache.read(self.namespace, name, int(self.shard_sizes[shard]), ranges, fetch=fetch)
+
+    def _read_cached(self, shards, range_lists):
+        """Shards served from the cache are read inline (a thread hop costs more than a hit); from the
+        first shard that needed a fetch on, the remaining shards are read in parallel."""
+        results = []
+        missed: list = []
+        k = 0
+        if not self._missed_last:       # after a batch with misses, expect more: all in parallel
+            while k < len(shards) and not missed:
+                results.append(self._read_shard_cached(shards[k], range_lists[k], missed))
+                k += 1
+        if k < len(shards):
+            pool = self._executor()
+            futures = [pool.submit(self._read_shard_cached, s, rs, missed)
+                       for s, rs in zip(shards[k:], range_lists[k:])]
+            try:
+                results += [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        self._missed_last = bool(missed)
+        return results
 
     def read(self, shard_ids, offsets, lengths) -> List:
         """Stored bytes of record ``i`` = shard ``shard_ids[i]``, bytes ``offsets[i]`` .. ``+lengths[i]``.
@@ -128,33 +156,26 @@ class RemoteReader:
 
         order = np.argsort(shard_ids, kind="stable")
         sorted_ids = shard_ids[order]
-        bounds = np.flatnonzero(np.diff(sorted_ids)) + 1
-        groups = np.split(order, bounds)
-        shards = [int(shard_ids[g[0]]) for g in groups]
-        range_lists = [list(zip(offsets[g].tolist(), lengths[g].tolist())) for g in groups]
+        starts = [0] + (np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1).tolist() + [n]
+        shards = sorted_ids[starts[:-1]].tolist()
+        ranges = list(zip(offsets[order].tolist(), lengths[order].tolist()))
+        range_lists = [ranges[a:b] for a, b in zip(starts, starts[1:])]
 
         if self.cache is None:
             results = self.store.read_ranges_multi(
                 [(self.shard_names[s], rs) for s, rs in zip(shards, range_lists)],
                 max_gap=self.max_gap, max_request=self.max_request)
-        elif len(groups) == 1:
-            results = [self._read_shard_cached(shards[0], range_lists[0])]
         else:
-            pool = self._executor()
-            futures = [pool.submit(self._read_shard_cached, s, rs) for s, rs in zip(shards, range_lists)]
-            try:
-                results = [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+            results = self._read_cached(shards, range_lists)
 
+        flat = []
+        for rs, res in zip(range_lists, results):
+            if len(res) != len(rs):
+                raise AssertionError(f"fetch returned {len(res)} pieces for {len(rs)} ranges")
+            flat.extend(res)
         out: list = [None] * n
-        for g, res in zip(groups, results):
-            if len(res) != len(g):
-                raise AssertionError(f"fetch returned {len(res)} pieces for {len(g)} ranges")
-            for i, data in zip(g.tolist(), res):
-                out[i] = data
+        for i, data in zip(order.tolist(), flat):
+            out[i] = data
         return out
 
     def close(self):
