@@ -95,8 +95,9 @@ def hash_strings(const uint8_t[::1] data, const int64_t[::1] offsets, uint64_t[:
     cdef const uint8_t *base = &data[0] if data.shape[0] else NULL
     if offsets.shape[0] != n + 1:
         raise ValueError("offsets must have one more element than out")
-    if n and (offsets[0] < 0 or offsets[n] > data.shape[0]):
-        raise ValueError("string offsets outside the data buffer")
+    for i in range(n):
+        if offsets[i] < 0 or offsets[i + 1] < offsets[i] or offsets[i + 1] > data.shape[0]:
+            raise ValueError(f"string offsets {offsets[i]}..{offsets[i + 1]} outside the data buffer or decreasing")
     with nogil:
         for i in range(n):
             out[i] = pk_xxh64(base + offsets[i], <size_t>(offsets[i + 1] - offsets[i]), 0)

@@ -18,7 +18,7 @@ import zstandard
 
 from packfmt import _core
 from packfmt import manifest as mf
-from packfmt.errors import CorruptShardError, DatasetNotFoundError, ManifestError, PackOSError
+from packfmt.errors import CorruptShardError, DatasetNotFoundError, ManifestError, PackError, PackOSError
 
 # The packfmt columns of the global index and the Arrow type each must have.
 _INDEX_TYPES = {
@@ -61,6 +61,19 @@ def open(url, **options) -> "Dataset":  # noqa: A001 - the natural name, like io
     return Dataset(url, **options)
 
 
+def _read_capped(store, name: str, limit: int) -> bytes:
+    """A small object whole; refuses one larger than limit (a manifest that is really /dev/zero)."""
+    if store.is_local:
+        path = store.local_path(name)
+        with _builtin_open(path, "rb") as f:
+            data = f.read(limit + 1)
+    else:
+        data = store.read_bytes(name)
+    if len(data) > limit:
+        raise ManifestError(f"{store.object_url(name)}: larger than the {limit}-byte limit for {name}")
+    return data
+
+
 class _ShardNames:
     """Names the shard and offset of batch item k, for error messages (built only on error)."""
 
@@ -95,7 +108,7 @@ class Dataset:
         d["_root"] = store.local_path("").rstrip("/") if store.is_local else None
         mname = store.object_url(mf.MANIFEST_NAME)
         try:
-            data = store.read_bytes(mf.MANIFEST_NAME)
+            data = _read_capped(store, mf.MANIFEST_NAME, mf.MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             hint = ""
             if store.exists(mf.INCOMPLETE_MARKER):
@@ -103,6 +116,10 @@ class Dataset:
             elif store.is_local and not os.path.isdir(d["_root"]):
                 hint = " (no such directory)"
             raise DatasetNotFoundError(f"no packfmt dataset at {self.url}: {mf.MANIFEST_NAME} not found{hint}") from None
+        except PackError:
+            raise
+        except OSError as e:
+            raise PackOSError(e.errno or 0, f"cannot read the manifest: {e.strerror or e}", mname) from None
         m = mf.Manifest.parse(data, mname)
         d["_manifest"] = m
         table = self._load_index(store, m)
@@ -130,6 +147,10 @@ class Dataset:
                 size = source.size
         except FileNotFoundError:
             raise ManifestError(f"{ipath}: the index named by the manifest is missing") from None
+        except PackError:
+            raise
+        except OSError as e:
+            raise PackOSError(e.errno or 0, f"cannot read the index: {e.strerror or e}", ipath) from None
         if size != m.index_size:
             raise ManifestError(f"{ipath}: index is {size} bytes, the manifest says {m.index_size}")
         buf = source.read_buffer() if store.is_local else source
@@ -138,6 +159,7 @@ class Dataset:
             raise ManifestError(f"{ipath}: index checksum {got:016x} differs from the manifest's {m.index_checksum:016x}")
         try:
             table = pa.ipc.open_file(buf).read_all()
+            table.validate(full=True)  # string offsets in bounds and monotonic, before C code trusts them
         except (pa.ArrowInvalid, pa.ArrowException) as e:
             raise ManifestError(f"{ipath}: not a valid Arrow IPC file: {e}") from None
         if table.num_rows != m.samples:

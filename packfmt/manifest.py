@@ -45,7 +45,7 @@ def hex64(value: int) -> str:
 
 def check_name(name, what: str) -> str:
     """A name the manifest gives for an object of the dataset must be a plain file name."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise ManifestError(f"manifest names {what} {name!r}, which is not a plain file name inside the dataset")
     return name
 
@@ -139,6 +139,10 @@ class Manifest:
                 records=_int(s, "records", what, hi=_core.MAX_RECORDS),
                 checksum=_hex(s, "checksum", what),
                 data_bytes=_int(s, "data_bytes", what)))
+            last = shards[-1]
+            if last.size < _core.HEADER_SIZE + _core.FOOTER_SIZE + _core.ENTRY_SIZE * last.records + last.data_bytes:
+                raise ManifestError(f"manifest: {what} of {last.size} bytes cannot hold {last.records} records "
+                                    f"and {last.data_bytes} data bytes")
         if sum(s.records for s in shards) != samples:
             raise ManifestError(f"manifest: shards hold {sum(s.records for s in shards)} records but samples is {samples}")
         index = raw.get("index")

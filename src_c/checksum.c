@@ -96,7 +96,7 @@ uint64_t pk_xxh64(const void *data, size_t len, uint64_t seed) {
         acc = seed + P5;
     }
     acc += (uint64_t)len;
-    return finish(acc, p + done, len - done);
+    return finish(acc, done ? p + done : p, len - done); /* no NULL + 0 for empty input */
 }
 
 void pk_xxh64_init(pk_xxh64_state *s, uint64_t seed) {

@@ -471,7 +471,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
             reads++;
             for (size_t k = a; !rc && k < b; k++) {
                 const req *q = &reqs[k];
-                const uint8_t *src = scratch + (q->offset - r->offset);
+                const uint8_t *src = span ? scratch + (q->offset - r->offset) : scratch; /* empty run: no NULL + 0 */
                 if (q->len) memcpy(dst[q->pos], src, q->len);
                 if (opts->verify) rc = check_sum(src, q->len, cols->checksum[rows[q->pos]], q, err);
             }

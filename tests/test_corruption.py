@@ -30,13 +30,6 @@ MODES = [pytest.param(True, id="mmap"), pytest.param(False, id="pread")]
 
 # Bugs found by these tests in files this test suite does not own, reported with a fix; strict, so
 # each marker must go when its bug is fixed (the test then passes and XPASS fails the run).
-BUG_NEWLINE_NAME = pytest.mark.xfail(strict=True, reason=(
-    "packfmt/manifest.py check_name: _SAFE_NAME.match with '$' accepts a trailing newline; use fullmatch"))
-BUG_UNBOUNDED_MANIFEST_READ = pytest.mark.xfail(strict=True, reason=(
-    "packfmt/storage/local.py LocalStore.read_bytes reads the manifest without the MAX_MANIFEST_BYTES cap"))
-BUG_RAW_OSERROR = pytest.mark.xfail(strict=True, reason=(
-    "packfmt/storage/local.py read_bytes / dataset.py _load_index let OSError other than ENOENT escape "
-    "un-wrapped (IsADirectoryError, EIO) instead of PackOSError"))
 
 
 @pytest.fixture(scope="module")
@@ -285,8 +278,6 @@ HOSTILE_NAMES = ["../x.pack", "../../etc/passwd", "/etc/passwd", "/tmp/shard-000
 @pytest.mark.parametrize("what", ["shard", "index", "dictionary"])
 def test_manifest_names_outside_the_dataset(ds_copy, tmp_path, name, what, request):
     d, _ = ds_copy
-    if name == "shard-00000.pack\n" and what != "index":  # (as an index name it is simply missing)
-        request.node.add_marker(BUG_NEWLINE_NAME)
     # A perfectly valid dataset object sits just outside: it must never be opened.
     h.copy(os.path.join(d), tmp_path / "outside")
     m = h.manifest(d)
@@ -301,7 +292,6 @@ def test_manifest_names_outside_the_dataset(ds_copy, tmp_path, name, what, reque
         packfmt.open(d)
 
 
-@BUG_RAW_OSERROR
 def test_manifest_is_not_a_regular_file(ds_copy):
     d, _ = ds_copy
     mpath = os.path.join(d, "manifest.json")
@@ -311,7 +301,6 @@ def test_manifest_is_not_a_regular_file(ds_copy):
         packfmt.open(d)
 
 
-@BUG_UNBOUNDED_MANIFEST_READ
 def test_manifest_symlink_to_endless_file_is_bounded(ds_copy):
     """manifest.json -> /dev/zero must be refused after at most the manifest size cap, not read forever."""
     d, _ = ds_copy
@@ -355,7 +344,6 @@ def test_index_row_points_past_the_end_or_into_index_or_footer(ds_copy):
         assert isinstance(ei.value, (packfmt.ManifestError, packfmt.CorruptShardError)), (col, value, ei.value)
 
 
-@BUG_RAW_OSERROR
 def test_index_not_a_regular_file(ds_copy):
     d, _ = ds_copy
     ipath = os.path.join(d, "index.arrow")
@@ -365,9 +353,6 @@ def test_index_not_a_regular_file(ds_copy):
         packfmt.open(d)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "packfmt/dataset.py _check_index: negative data_end raises OverflowError; manifest._parse should "
-    "require size >= 80 + 32 * records"))
 def test_manifest_shard_records_exceed_its_size(ds_copy):
     """A manifest whose shard cannot hold its records' index entries (size < 80 + 32 * records)."""
     d, _ = ds_copy
@@ -379,9 +364,6 @@ def test_manifest_shard_records_exceed_its_size(ds_copy):
         ds[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "packfmt/dataset.py _load_index does not validate the Arrow index fully (table.validate(full=True)); "
-    "_core.hash_strings trusts monotonic offsets: SIGBUS/SIGSEGV in index_of"))
 def test_index_with_invalid_string_offsets_does_not_crash(ds_copy):
     """A hostile index whose key column has offsets out of bounds (checksums fixed): refused, no crash.
     Run in a child: the bug this pins down was a SIGBUS/SIGSEGV in index_of()."""
