@@ -221,11 +221,13 @@ def dataset_files(ds_dir: str) -> list:
 
 @dataclass
 class Timing:
-    best: float          # seconds, best repetition
-    median: float        # seconds, median repetition
+    best: float          # seconds, best repetition (wall clock)
+    median: float        # seconds, median repetition (wall clock)
     reps: int
     pgpgin: int          # KiB paged in from disk during the timed repetitions (all of them)
     warm_pgpgin: int = 0  # KiB paged in while warming right before (what had been evicted)
+    best_cpu: float = 0.0  # seconds of CPU time of the measuring thread, best repetition: on a shared,
+    #                        busy machine this moves much less than wall time when others take the CPU
 
 
 def best_of(fn, reps: int, warm=None, warmup: int = 1) -> Timing:
@@ -237,18 +239,20 @@ def best_of(fn, reps: int, warm=None, warmup: int = 1) -> Timing:
         warm_in += warm()
     for _ in range(warmup):
         fn()
-    times, paged = [], 0
+    times, cpu, paged = [], [], 0
     for _ in range(reps):
         if warm is not None:
             warm_in += warm()
         k0 = pgpgin_kib()
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         fn()
         t = time.perf_counter() - t0
+        cpu.append(time.thread_time() - c0)
         paged += pgpgin_kib() - k0
         times.append(t)
     times.sort()
-    return Timing(times[0], times[len(times) // 2], reps, paged, warm_in or 0)
+    return Timing(times[0], times[len(times) // 2], reps, paged, warm_in or 0, min(cpu))
 
 
 # ---------------------------------------------------------------------------------- C baselines

@@ -7,7 +7,8 @@
  *
  * Usage: limits REPS BATCH POSITIONS_FILE SHARD...
  *   POSITIONS_FILE: u64 n, then u32 shard[n], u64 offset[n], u32 len[n] (little-endian, packed).
- * Output, one line per mode:  MODE best_seconds median_seconds pgpgin_kib samples bytes
+ * Output, one line per mode:  MODE best_seconds median_seconds pgpgin_kib samples bytes best_cpu_seconds
+ * (cpu: CLOCK_THREAD_CPUTIME_ID, which moves less than wall time when other processes take the CPU)
  *
  * Modes (each copies every sample into an output buffer; the buffer is reused per batch, as a
  * batch's bytes objects are in Python):
@@ -15,6 +16,7 @@
  *   mmap_memcpy_xxh64  the same plus XXH64 of each sample (what a verifying reader must add)
  *   mmap_malloc_memcpy malloc one buffer per sample, memcpy, free them after the batch (object cost)
  *   pread              one pread(2) per sample into the buffer
+ *   mmap_memcpy_xxh3   (only with -DPK_BENCH_XXH3) memcpy plus XXH3-64 of each sample
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,11 +32,20 @@
 
 #include "checksum.h"
 
-static double now(void) {
+#ifdef PK_BENCH_XXH3
+/* Optional (the script defines PK_BENCH_XXH3 when the xxhash.h header is installed, e.g. Debian's
+ * libxxhash-dev): what the verifying read would cost with XXH3-64 instead of XXH64. */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+#endif
+
+static double clock_s(clockid_t id) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(id, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
+static double now(void) { return clock_s(CLOCK_MONOTONIC); }
+static double cpu_now(void) { return clock_s(CLOCK_THREAD_CPUTIME_ID); }
 
 static long pgpgin_kib(void) {
     FILE *f = fopen("/proc/vmstat", "r");
@@ -67,8 +78,14 @@ static size_t batch;
 static uint8_t *out;
 static volatile uint64_t sink;
 
-enum mode { MMAP_MEMCPY, MMAP_MEMCPY_XXH64, MMAP_MALLOC_MEMCPY, PREAD, NMODES };
-static const char *mode_name[NMODES] = {"mmap_memcpy", "mmap_memcpy_xxh64", "mmap_malloc_memcpy", "pread"};
+enum mode { MMAP_MEMCPY, MMAP_MEMCPY_XXH64, MMAP_MALLOC_MEMCPY, PREAD, MMAP_MEMCPY_XXH3, NMODES };
+static const char *mode_name[NMODES] = {"mmap_memcpy", "mmap_memcpy_xxh64", "mmap_malloc_memcpy", "pread",
+                                        "mmap_memcpy_xxh3"};
+#ifdef PK_BENCH_XXH3
+static const int nmodes = NMODES;
+#else
+static const int nmodes = NMODES - 1;
+#endif
 
 /* One pass over all positions; returns a value depending on every byte copied (no dead code). */
 static uint64_t pass(enum mode m) {
@@ -94,6 +111,12 @@ static uint64_t pass(enum mode m) {
                 dst = bufs[i - a] = malloc(l ? l : 1);
                 if (!dst) die("malloc");
                 memcpy(dst, src, l);
+                break;
+            case MMAP_MEMCPY_XXH3:
+                memcpy(dst, src, l);
+#ifdef PK_BENCH_XXH3
+                acc += XXH3_64bits(dst, l);
+#endif
                 break;
             case PREAD: {
                 ssize_t got = pread(fds[shard[i]], dst, l, (off_t)offset[i]);
@@ -170,19 +193,24 @@ int main(int argc, char **argv) {
     for (uint64_t i = 0; i < n; i++) bytes += len[i];
 
     double *t = malloc((size_t)reps * sizeof *t);
-    for (int m = 0; m < NMODES; m++) {
+    double *c = malloc((size_t)reps * sizeof *c);
+    if (!t || !c) die("malloc");
+    for (int m = 0; m < nmodes; m++) {
         sink += pass((enum mode)m); /* warm-up: caches, TLB, malloc arenas */
         long k = 0;
         for (int r = 0; r < reps; r++) {
             long k0 = pgpgin_kib();
+            double c0 = cpu_now();
             double t0 = now();
             sink += pass((enum mode)m);
             t[r] = now() - t0;
+            c[r] = cpu_now() - c0;
             k += pgpgin_kib() - k0;
         }
         qsort(t, (size_t)reps, sizeof *t, cmp_double);
-        printf("%s %.9f %.9f %ld %llu %llu\n", mode_name[m], t[0], t[reps / 2], k, (unsigned long long)n,
-               (unsigned long long)bytes);
+        qsort(c, (size_t)reps, sizeof *c, cmp_double);
+        printf("%s %.9f %.9f %ld %llu %llu %.9f\n", mode_name[m], t[0], t[reps / 2], k, (unsigned long long)n,
+               (unsigned long long)bytes, c[0]);
         fflush(stdout);
     }
     return 0;

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -86,6 +87,10 @@ class Row:
         return self.samples / self.t.best
 
     @property
+    def cpu_rate(self) -> float:
+        return self.samples / self.t.best_cpu if self.t.best_cpu > 0 else float("nan")
+
+    @property
     def mbps(self) -> float:
         return self.nbytes / self.t.best / 1e6
 
@@ -115,9 +120,9 @@ def measure_limits(exe, ds, ds_dir, samples, batch, reps, tmpdir):
     r = subprocess.run([exe, str(reps), str(batch), pos, *paths], check=True, stdout=subprocess.PIPE, text=True)
     out = {}
     for line in r.stdout.splitlines():
-        mode, best, med, paged, n, nbytes = line.split()
+        mode, best, med, paged, n, nbytes, cpu = line.split()
         out[mode] = Row(f"C {mode}", "limit", int(n), int(nbytes),
-                        Timing(float(best), float(med), reps, int(paged), warm_in))
+                        Timing(float(best), float(med), reps, int(paged), warm_in, float(cpu)))
     return out
 
 
@@ -221,27 +226,30 @@ def measure_build(tree_root, all_tree_paths, cache, reps, n_files, workers=None)
         if workers is None:
             jobs.append(("pack build --compression none --workers 1", pack_build_cmd(tree_root, pack_out, "none", 1)))
     for label, cmd in jobs:
-        times, paged, warm_in = [], 0, 0
+        times, cpus, paged, warm_in = [], [], 0, 0
         for rep in range(reps + 1):  # rep 0: untimed, pages in the program and its libraries
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             subprocess.run(["sync"], check=True)
             evicted = warm_files(all_tree_paths)[2]
             k0 = pgpgin_kib()
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             t = time.perf_counter() - t0
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             k1 = pgpgin_kib()
             if r.returncode:
                 raise RuntimeError(f"{shlex.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}")
             if rep > 0:
                 times.append(t)
+                cpus.append(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
                 paged += k1 - k0
                 warm_in += evicted
         times.sort()
         out_bytes = os.path.getsize(tar_out) if label.startswith("tar") else dir_bytes(pack_out)
         rows.append(Row(label, " ".join(shlex.quote(c) for c in cmd[:2]), n_files, out_bytes,
-                        Timing(times[0], times[len(times) // 2], reps, paged, warm_in)))
+                        Timing(times[0], times[len(times) // 2], reps, paged, warm_in, min(cpus))))
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     return rows
@@ -261,13 +269,17 @@ def report(args, info, spec, tree_bytes, sizes, ds_info, rows, limits, build_row
     def ratio(x, base):
         return f"{x / base:.2f}x"
 
+    mmap_cpu = limits["mmap_memcpy"].cpu_rate
+    loose_cpu = next(r for r in rows if r.what == "loose files").cpu_rate
     read_table = []
     for r in [*limits.values(), *rows]:
         read_table.append([r.name, f"{r.samples:,}", fmt_rate(r.rate), f"{r.mbps:,.0f}",
                            f"{r.t.median / r.t.best:.2f}", ratio(r.rate, mmap_lim), ratio(r.rate, loose),
+                           fmt_rate(r.cpu_rate), ratio(r.cpu_rate, mmap_cpu), ratio(r.cpu_rate, loose_cpu),
                            f"{r.t.warm_pgpgin:,}", f"{r.t.pgpgin:,}"])
     headers = ["measurement", "samples", "samples/s", "MB/s", "median/best", "x C mmap", "x loose",
-               "evicted (KiB read back while warming)", "pgpgin KiB during timed reps"]
+               "samples/CPU-s", "x C mmap (CPU)", "x loose (CPU)",
+               "evicted KiB (read back by the warm-up)", "pgpgin KiB during timed reps"]
     out = []
     cmd = "python benchmarks/random_access.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out.append(f"Command: `{cmd.strip()}`  ")
@@ -284,17 +296,19 @@ def report(args, info, spec, tree_bytes, sizes, ds_info, rows, limits, build_row
                f"batches of {args.batch}; the C limits read the same positions in the same order and batches. "
                f"Best of {args.reps} repetitions after one untimed warm-up pass; one thread.")
     out.append("")
-    out.append(markdown_table(headers, read_table, "lrrrrrrrr"))
+    out.append(markdown_table(headers, read_table, "l" + "r" * 11))
     out.append("")
     if build_rows:
         tar = build_rows[0]
         bt = [[r.name, f"{r.samples:,}", f"{r.t.best:.2f}", fmt_rate(r.rate), ratio(r.rate, tar.rate),
-               f"{r.nbytes / 2**20:,.0f}", f"{r.t.pgpgin:,}"] for r in build_rows]
+               f"{r.t.best_cpu:.2f}", f"{r.nbytes / 2**20:,.0f}", f"{r.t.warm_pgpgin:,}", f"{r.t.pgpgin:,}"]
+              for r in build_rows]
         out.append(f"Build (page cache warm before each run, output on the same disk, best of {args.build_reps}; "
                    f"`pack build` default workers = its own default on {info['nproc']} CPUs):")
         out.append("")
-        out.append(markdown_table(["command", "files", "seconds", "files/s", "x tar cf", "output MiB",
-                                   "pgpgin KiB"], bt, "lrrrrrr"))
+        out.append(markdown_table(["command", "files", "seconds (wall)", "files/s", "x tar cf",
+                                   "CPU seconds (all processes)", "output MiB", "evicted KiB (warm-up)",
+                                   "pgpgin KiB during timed runs"], bt, "lrrrrrrrr"))
         out.append("")
     # targets
     gb = next(r for r in rows if r.name.startswith("get_batch(256) random") and "none" in r.name)
@@ -355,7 +369,10 @@ def main(argv=None):
     all_paths = tree_files(tree_root, spec)
     ds_dirs = {c: ensure_dataset(args.cache, spec, tree_root, c, log=log) for c in codecs}
     tmpdir = tempfile.mkdtemp(prefix="packfmt-bench-")
-    exe = compile_c(os.path.join(HERE, "limits.c"), tmpdir,
+    flags = ["-O2"]
+    if os.path.exists("/usr/include/xxhash.h"):  # optional: price XXH3 next to XXH64
+        flags.append("-DPK_BENCH_XXH3")
+    exe = compile_c(os.path.join(HERE, "limits.c"), tmpdir, flags=flags,
                     extra_sources=[os.path.join(REPO, "src_c", "checksum.c")])
 
     dss = {c: packfmt.open(d) for c, d in ds_dirs.items()}
@@ -382,12 +399,14 @@ def main(argv=None):
     def add(row):
         rows.append(row)
         log(f"  {row.name:<48} {fmt_rate(row.rate):>8} samples/s  {row.mbps:8,.0f} MB/s  "
+            f"{fmt_rate(row.cpu_rate):>8} samples/CPU-s  "
             f"pgpgin {row.t.pgpgin} KiB (evicted before warm: {row.t.warm_pgpgin} KiB)")
 
     log(f"C limits at the same {len(samples):,} positions ...")
     limits = measure_limits(exe, ds, ds_dirs["none"], samples, args.batch, args.reps, tmpdir)
     for r in limits.values():
-        log(f"  {r.name:<48} {fmt_rate(r.rate):>8} samples/s  {r.mbps:8,.0f} MB/s  pgpgin {r.t.pgpgin} KiB")
+        log(f"  {r.name:<48} {fmt_rate(r.rate):>8} samples/s  {r.mbps:8,.0f} MB/s  "
+            f"{fmt_rate(r.cpu_rate):>8} samples/CPU-s  pgpgin {r.t.pgpgin} KiB")
 
     w_none = warm_dataset(ds_dirs["none"])
     log("packfmt, compression none ...")
