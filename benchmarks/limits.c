@@ -5,10 +5,11 @@
  * runs it on the SAME random positions, in the same order and batch size, that it asks packfmt
  * for, so the ratio "packfmt / limit" compares like with like.  One thread; page cache warm.
  *
- * Usage: limits REPS BATCH POSITIONS_FILE SHARD...
+ * Usage: limits [--cpu] REPS BATCH POSITIONS_FILE SHARD...
  *   POSITIONS_FILE: u64 n, then u32 shard[n], u64 offset[n], u32 len[n] (little-endian, packed).
- * Output, one line per mode:  MODE best_seconds median_seconds pgpgin_kib samples bytes best_cpu_seconds
- * (cpu: CLOCK_THREAD_CPUTIME_ID, which moves less than wall time when other processes take the CPU)
+ * Output, one line per mode:  MODE best_seconds median_seconds pgpgin_kib samples bytes
+ * With --cpu a seventh field: best_cpu_seconds (CLOCK_THREAD_CPUTIME_ID, which moves less than wall
+ * time when other processes take the CPU).  benchmarks/peers/run.py parses the six-field form.
  *
  * Modes (each copies every sample into an output buffer; the buffer is reused per batch, as a
  * batch's bytes objects are in Python):
@@ -142,8 +143,15 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 int main(int argc, char **argv) {
+    int show_cpu = 0;
+    if (argc > 1 && strcmp(argv[1], "--cpu") == 0) {
+        show_cpu = 1;
+        argv[1] = argv[0];
+        argv++;
+        argc--;
+    }
     if (argc < 5) {
-        fprintf(stderr, "usage: %s REPS BATCH POSITIONS_FILE SHARD...\n", argv[0]);
+        fprintf(stderr, "usage: %s [--cpu] REPS BATCH POSITIONS_FILE SHARD...\n", argv[0]);
         return 2;
     }
     int reps = atoi(argv[1]);
@@ -209,8 +217,10 @@ int main(int argc, char **argv) {
         }
         qsort(t, (size_t)reps, sizeof *t, cmp_double);
         qsort(c, (size_t)reps, sizeof *c, cmp_double);
-        printf("%s %.9f %.9f %ld %llu %llu %.9f\n", mode_name[m], t[0], t[reps / 2], k, (unsigned long long)n,
-               (unsigned long long)bytes, c[0]);
+        printf("%s %.9f %.9f %ld %llu %llu", mode_name[m], t[0], t[reps / 2], k, (unsigned long long)n,
+               (unsigned long long)bytes);
+        if (show_cpu) printf(" %.9f", c[0]);
+        printf("\n");
         fflush(stdout);
     }
     return 0;

@@ -117,7 +117,7 @@ def measure_limits(exe, ds, ds_dir, samples, batch, reps, tmpdir):
         f.write(ln.tobytes())
     warm_in = warm_dataset(ds_dir)()
     paths = [os.path.join(ds_dir, s) for s in ds.shards]
-    r = subprocess.run([exe, str(reps), str(batch), pos, *paths], check=True, stdout=subprocess.PIPE, text=True)
+    r = subprocess.run([exe, "--cpu", str(reps), str(batch), pos, *paths], check=True, stdout=subprocess.PIPE, text=True)
     out = {}
     for line in r.stdout.splitlines():
         mode, best, med, paged, n, nbytes, cpu = line.split()
