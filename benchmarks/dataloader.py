@@ -14,6 +14,9 @@ same run:
 * ``packfmt <mode>``  -- ``DataLoader(PackDataset, batch_sampler=PackBatchSampler(mode),
                          num_workers=W)``;
 * ``packfmt iterable``-- ``DataLoader(PackIterableDataset, batch_size=B, num_workers=W)``;
+* ``... num_workers=0``-- ``DataLoader(PackIterableDataset(batched=True), batch_size=None)``:
+                         no worker processes, the prefetch thread reads ahead while the
+                         main thread consumes (no inter-process copies at all);
 * ``loose files``     -- an ImageFolder-like map-style dataset (the tree is
                          listed at construction, each sample is open/read/close)
                          with ``DataLoader(shuffle=True, num_workers=W)``.
@@ -187,6 +190,10 @@ def main():
         ds = PackIterableDataset(pack, batch_size=B, seed=0, label="label")
         return LoaderEpochs(DataLoader(ds, batch_size=B, num_workers=W, persistent_workers=persistent), ds)
 
+    def pack_iterable_main(persistent):
+        ds = PackIterableDataset(pack, batch_size=B, seed=0, label="label", batched=True, prefetch=4)
+        return LoaderEpochs(DataLoader(ds, batch_size=None, num_workers=0), ds)
+
     def loose_files(persistent):
         return LoaderEpochs(DataLoader(loose_ds, batch_size=B, shuffle=True, num_workers=W,
                                        persistent_workers=persistent))
@@ -199,6 +206,7 @@ def main():
         "packfmt block 64x16": lambda p: pack_map("block", p, block_size=64, window=16),
         "packfmt none": lambda p: pack_map("none", p),
         "packfmt iterable (global)": pack_iterable,
+        "packfmt iterable, num_workers=0": pack_iterable_main,
         loose_name: loose_files,
     }
     packed_mib = sum(os.path.getsize(os.path.join(pack, f)) for f in os.listdir(pack)) / 2**20
