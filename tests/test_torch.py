@@ -126,7 +126,7 @@ def test_iterable_batched_and_main_process(data):
     assert [index_of(s) for s in plain] == got
 
 
-@pytest.mark.parametrize("kind", ["map", "iterable"])
+@pytest.mark.parametrize("kind", ["map", "iterable", "sampler"])
 @pytest.mark.parametrize("workers", [(2, 3), (2, 0), (0, 1)])
 def test_resume_with_other_worker_count(data, kind, workers):
     before, after = workers
@@ -135,6 +135,10 @@ def test_resume_with_other_worker_count(data, kind, workers):
         if kind == "map":
             ds = PackDataset(data, label="label")
             return PackDataLoader(ds, batch_sampler=PackBatchSampler(ds, BS, seed=4, epoch=2),
+                                  num_workers=num_workers)
+        if kind == "sampler":
+            ds = PackDataset(data, label="label")
+            return PackDataLoader(ds, batch_size=BS, sampler=PackSampler(ds, seed=4, epoch=2),
                                   num_workers=num_workers)
         ds = PackIterableDataset(data, batch_size=BS, seed=4, epoch=2, label="label")
         return PackDataLoader(ds, batch_size=BS, num_workers=num_workers)
@@ -155,7 +159,7 @@ def test_resume_with_other_worker_count(data, kind, workers):
     assert flatten(first + rest) == EpochOrder(N, seed=4, epoch=2).indices().tolist()
     assert resumed.state_dict()["consumed"] == N
     # the next epoch starts from its beginning
-    resumed_src = resumed.batch_sampler if kind == "map" else resumed.dataset
+    resumed_src = {"map": resumed.batch_sampler, "sampler": resumed.sampler}.get(kind, resumed.dataset)
     resumed_src.set_epoch(3)
     assert flatten(resumed) == EpochOrder(N, seed=4, epoch=3).indices().tolist()
 
