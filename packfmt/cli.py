@@ -41,7 +41,8 @@ def cmd_build(a) -> int:
     from packfmt.build import build_dataset
     rep = build_dataset(a.src, a.dst, shard_size=a.shard_size, compression=a.compression, workers=a.workers,
                         label_from=a.label_from, include=a.include, exclude=a.exclude, skip_errors=a.skip_errors,
-                        overwrite=a.overwrite, progress=not a.quiet and sys.stderr.isatty() or a.progress)
+                        overwrite=a.overwrite, progress=not a.quiet and sys.stderr.isatty() or a.progress,
+                        engine=a.engine, address=a.address)
     for s in rep.skipped[:50]:
         print(f"skipped: {s.path}: {s.reason}", file=sys.stderr)
     if len(rep.skipped) > 50:
@@ -278,6 +279,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching files")
     b.add_argument("--skip-errors", action="store_true", help="skip unreadable files and report them")
     b.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DST")
+    b.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or Ray tasks (same dataset, sample for sample)")
+    b.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster to join with --engine ray (default: RAY_ADDRESS, or a local one)")
     b.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     b.add_argument("-q", "--quiet", action="store_true")
     b.set_defaults(func=cmd_build)
@@ -319,7 +324,7 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     bn.set_defaults(func=cmd_bench)
 
-    for module in ("packfmt.cache",):
+    for module in ("packfmt.cache", "packfmt.merge"):
         try:
             mod = __import__(module, fromlist=["register_cli"])
         except ImportError:

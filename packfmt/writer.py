@@ -295,6 +295,8 @@ class Target:
 def _is_ours(name: str) -> bool:
     return (name in (mf.MANIFEST_NAME, mf.INDEX_NAME, mf.DICTIONARY_NAME, mf.INCOMPLETE_MARKER)
             or re.fullmatch(r"shard-\d{5,}\.pack", name) is not None
+            or re.fullmatch(r"(shard-g\d{4,}-[0-9a-f]{8}-\d{5,}\.pack|(index|dictionary)-g\d{4,}-[0-9a-f]{8}\.(arrow|zstd))",
+                            name) is not None
             or re.fullmatch(r"\..*\.tmp-\d+", name) is not None)
 
 
@@ -410,19 +412,24 @@ class Writer:
     Samples keep the order they were added in; keys must be unique.  Extra keyword arguments to
     :meth:`add` become columns of the global index (``label=3``).  With ``compression="zstd-dict"`` the
     first samples (about ``100 * dict_size`` bytes) are held back to train a dictionary, then written.
+    ``mode="append"`` adds samples to an existing dataset without touching its shards (new shards, a new
+    index, the manifest replaced last; readers of the previous version are unaffected; see packfmt/merge.py).
     If the ``with`` block raises, nothing is published: no manifest is written and the shards are removed.
     """
 
     def __init__(self, url, *, shard_size=DEFAULT_SHARD_SIZE, compression="none", overwrite: bool = False,
                  dict_size: int = DEFAULT_DICT_SIZE, dict_train_bytes: int | None = None,
-                 metadata: dict | None = None, storage_options: dict | None = None):
+                 metadata: dict | None = None, storage_options: dict | None = None, mode: str = "create"):
         self.shard_size = parse_size(shard_size)
         self.compression = Compression.parse(compression)
         self.dict_size = dict_size
         self.dict_train_bytes = dict_train_bytes or 100 * dict_size
         self.metadata = metadata
         self._target = Target(url, overwrite=overwrite, storage_options=storage_options)
-        self._target.prepare()
+        if mode not in ("create", "append"):
+            raise ValueError(f"mode must be 'create' or 'append', got {mode!r}")
+        if mode == "create":
+            self._target.prepare()
         self._dictionary = None
         self._encoder = None if self.compression.codec == "zstd-dict" else Encoder(self.compression)
         self._pending: list = []  # held back for dictionary training
@@ -434,6 +441,11 @@ class Writer:
         self._cols = {k: [] for k in ("shard", "offset", "stored_len", "raw_len", "checksum", "flags")}
         self._user: dict[str, list] = {}
         self._closed = False
+        self._shard_name = mf.shard_name
+        self._append = None
+        if mode == "append":  # see packfmt/merge.py: new shards and index under new names, manifest last
+            from packfmt.merge import begin_append
+            self._append = begin_append(self, storage_options)
 
     # -- context manager
     def __enter__(self):
@@ -480,7 +492,7 @@ class Writer:
         if self._shard is not None and self._shard.count and self._shard.size + len(stored) > self.shard_size:
             self._finish_shard()
         if self._shard is None:
-            name = mf.shard_name(len(self._shards))
+            name = self._shard_name(len(self._shards))
             self._target.created(name)
             self._shard = self._target.open_shard(name, self._encoder.shard_flags, self._encoder.dict_id)
         offset, stored_len, checksum = self._shard.append(stored, len(data), codec)
@@ -504,7 +516,7 @@ class Writer:
 
     def _finish_shard(self) -> None:
         s = self._shard.close()
-        self._shards.append(mf.ShardInfo(name=mf.shard_name(len(self._shards)), size=s["size"],
+        self._shards.append(mf.ShardInfo(name=self._shard_name(len(self._shards)), size=s["size"],
                                          records=s["records"], checksum=s["checksum"], data_bytes=s["data_bytes"]))
         self._shard = None
 
@@ -520,7 +532,10 @@ class Writer:
             table = index_table(self._keys, self._cols["shard"], self._cols["offset"], self._cols["stored_len"],
                                 self._cols["raw_len"], self._cols["checksum"], self._cols["flags"], self._user)
             extra = {"metadata": self.metadata} if self.metadata else None
-            manifest = finish_dataset(self._target, self._shards, table, self.compression, self._dictionary, extra)
+            if self._append is not None:
+                manifest = self._append.commit(self, table)
+            else:
+                manifest = finish_dataset(self._target, self._shards, table, self.compression, self._dictionary, extra)
         except BaseException:
             self.abort()
             raise
