@@ -288,12 +288,17 @@ def _training_samples(paths, sizes, budget: int) -> list:
 def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none", workers: int | None = None,
                   label_from: str | None = None, include=(), exclude=(), skip_errors: bool = False,
                   overwrite: bool = False, progress: bool = True, dict_size: int = DEFAULT_DICT_SIZE,
-                  storage_options: dict | None = None) -> BuildReport:
-    """Pack every regular file under ``src`` into a new dataset at ``dst``; see ``pack build --help``."""
+                  storage_options: dict | None = None, engine: str = "local", address: str | None = None) -> BuildReport:
+    """Pack every regular file under ``src`` into a new dataset at ``dst``; see ``pack build --help``.
+
+    ``engine="ray"`` writes the same planned shards as Ray tasks (``address``: the cluster to join; see
+    packfmt/ray.py) and gives the same dataset, sample for sample, as the local worker pool."""
     t0 = time.perf_counter()
     shard_size = parse_size(shard_size)
     compression = Compression.parse(compression)
     workers = max(1, workers or os.cpu_count() or 1)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if label_from not in (None, "parent"):
         raise ValueError(f"label_from must be None or 'parent', got {label_from!r}")
     src = os.fspath(src)
@@ -318,7 +323,14 @@ def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none"
                   "compression": str(compression), "dictionary": dict_bytes, "skip_errors": skip_errors}
                  for i, (a, b) in enumerate(plans)]
         bar = _Progress(int(sizes.sum()), len(paths), progress)
-        if workers == 1 or len(tasks) <= 1:
+        if engine == "ray":
+            from packfmt.ray import run_build_tasks
+            _init_worker(bar.files, bar.bytes)
+            try:
+                results = run_build_tasks(tasks, address=address, progress=_tick)
+            finally:
+                _init_worker(None, None)
+        elif workers == 1 or len(tasks) <= 1:
             _init_worker(bar.files, bar.bytes)
             try:
                 results = [build_shard(t) for t in tasks]
