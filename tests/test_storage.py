@@ -203,6 +203,11 @@ def test_s3_round_trip_equals_local_bytes(moto_server, s3_bucket, s3_client):
         rs = _random_ranges(rng, len(data), 40)
         assert store.read_ranges("shard-00000.pack", rs) == [data[o:o + n] for o, n in rs]
     assert store.read_ranges("shard-00000.pack", [(0, len(data))]) == [data]   # split into 1 MiB parts
+    store.stats.reset()
+    assert store.read_bytes("shard-00000.pack", size=len(data)) == data          # 3 parallel ranged GETs
+    assert store.stats.by_op == {"GET_RANGE": 3}
+    with pytest.raises(RemoteReadError, match="beyond the end"):
+        store.read_bytes("shard-00000.pack", size=len(data) + 1)
     with pytest.raises(FileNotFoundError) as ei:
         store.read_bytes("missing.json")
     assert isinstance(ei.value, ObjectNotFoundError) and "s3://" in str(ei.value)

@@ -249,9 +249,19 @@ class Store:
         except Exception as exc:
             raise self._fail(exc, name, what, byte_range) from exc
 
-    def read_bytes(self, name: str) -> bytes:
-        """The whole object (manifest, index, dictionary)."""
-        return self._retrying(lambda: self._get_object(name), name, "GET")
+    def read_bytes(self, name: str, size: Optional[int] = None) -> bytes:
+        """The whole object (manifest, index, dictionary).
+
+        With ``size`` known (the manifest records the index's), a large object is fetched as
+        parallel ranged GETs of ``max_request`` bytes, and a different size is an error.
+        """
+        if size is not None and size > self.max_request:
+            return self.read_ranges(name, [(0, int(size))])[0]
+        data = self._retrying(lambda: self._get_object(name), name, "GET")
+        if size is not None and len(data) != size:
+            url = self.object_url(name)
+            raise RemoteReadError(f"GET {url}: {len(data)} bytes, expected {size}", url, (0, size))
+        return data
 
     def size(self, name: str) -> int:
         size = self._retrying(lambda: self._head(name), name, "HEAD")

@@ -117,12 +117,15 @@ class LocalStore(Store):
         p = self.local_path(name)
         return ObjectNotFoundError(f"no such file: {p}", p)
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str, size: Optional[int] = None) -> bytes:
         try:
             with open(self.local_path(name), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise self._not_found(name) from None
+        if size is not None and len(data) != size:
+            p = self.local_path(name)
+            raise RemoteReadError(f"read {p}: {len(data)} bytes, expected {size}", p, (0, size), errno.EIO)
         self.stats.count("GET", received=len(data))
         return data
 
