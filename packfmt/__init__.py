@@ -35,12 +35,14 @@ if _core.FORMAT_VERSION != FORMAT_VERSION:  # a stale build of the extension
     )
 
 from packfmt.dataset import Dataset, open  # noqa: E402
+from packfmt.shuffle import EpochOrder  # noqa: E402
 from packfmt.writer import Writer  # noqa: E402
 
 __all__ = [
     "open",
     "Dataset",
     "Writer",
+    "EpochOrder",
     "FORMAT_VERSION",
     "PackError",
     "CorruptShardError",
