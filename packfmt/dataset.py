@@ -352,6 +352,44 @@ class Dataset:
 
     def get_batch(self, indices) -> list:
         """The samples at ``indices`` (any order, repeats allowed), as a list of bytes in that order."""
+        rows = self._rows(indices)
+        if self._remote:
+            return self._read_remote(rows)
+        if self._raw_only:
+            return self._shardset.read_rows(rows)
+        return self._read_decoded(rows)
+
+    def get_batch_packed(self, indices, alloc=None):
+        """The samples at ``indices`` in one contiguous buffer: returns ``(buf, offsets)``, sample ``k``
+        being ``buf[offsets[k]:offsets[k + 1]]``.  ``alloc(nbytes)`` returns the writable buffer to fill
+        (e.g. a shared-memory tensor, so a DataLoader worker can hand the batch over without pickling
+        it); default: a bytearray.  Uncompressed local records are read straight into it.
+
+        >>> import packfmt, tempfile, os
+        >>> out = os.path.join(tempfile.mkdtemp(), "ds")
+        >>> with packfmt.Writer(out) as w:
+        ...     w.add("a", b"xy"); w.add("b", b"abc")
+        >>> buf, off = packfmt.open(out).get_batch_packed([1, 0])
+        >>> bytes(buf), off.tolist()
+        (b'abcxy', [0, 3, 5])
+        """
+        rows = self._rows(indices)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(self._cols["raw_len"][rows], out=offsets[1:])
+        total = int(offsets[-1])
+        buf = bytearray(total) if alloc is None else alloc(total)
+        view = memoryview(buf).cast("B")
+        if len(view) < total:
+            raise ValueError(f"alloc returned {len(view)} bytes, {total} needed")
+        if self._raw_only and not self._remote:
+            self._shardset.read_rows_into(rows, view, offsets[:-1].view(np.uint64))
+        else:
+            for k, sample in enumerate(self.get_batch(rows)):
+                view[offsets[k]:offsets[k + 1]] = sample
+        return buf, offsets
+
+    def _rows(self, indices) -> np.ndarray:
+        """indices as a contiguous int64 array of valid, non-negative rows."""
         rows = np.asarray(indices)
         if rows.dtype.kind not in "iu":
             if rows.size == 0:
@@ -365,11 +403,7 @@ class Dataset:
             raise IndexError(f"sample index out of range: {int(bad)} (dataset has {n} samples)")
         if rows.size and rows.min() < 0:
             rows = np.where(rows < 0, rows + n, rows)
-        if self._remote:
-            return self._read_remote(rows)
-        if self._raw_only:
-            return self._shardset.read_rows(rows)
-        return self._read_decoded(rows)
+        return rows
 
     def _read_decoded(self, rows: np.ndarray) -> list:
         c = self._cols

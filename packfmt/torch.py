@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 from .shuffle import EpochOrder, shard_boundaries_of
 
 __all__ = [
-    "PackDataset", "PackSampler", "PackBatchSampler", "PackIterableDataset", "PackDataLoader",
+    "PackDataset", "PackSampler", "PackBatchSampler", "PackIterableDataset", "PackDataLoader", "PackedBatch",
+    "collate_packed",
     "dist_rank_world", "to_tensor",
 ]
 
@@ -149,8 +150,11 @@ class PackDataset(Dataset):
     >>> x, y = ds[0]                                                # doctest: +SKIP
     """
 
-    def __init__(self, source, *, transform=None, label=None, open_kwargs=None):
+    def __init__(self, source, *, transform=None, label=None, open_kwargs=None, packed=False):
+        if packed and transform is not None:
+            raise ValueError("packed=True hands over raw bytes; apply the transform to the PackedBatch instead")
         self._reader = _Reader(source, transform, label, open_kwargs)
+        self.packed = bool(packed)
 
     @property
     def dataset(self):
@@ -165,7 +169,73 @@ class PackDataset(Dataset):
         return self._reader.items([i], [self._reader.dataset[i]])[0]
 
     def __getitems__(self, indices):
+        if self.packed:
+            return PackedBatch.read(self._reader, indices)
         return self._reader.items(indices, self._reader.dataset.get_batch(indices))
+
+
+def _shared_uint8(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor; in a DataLoader worker, allocated directly in shared memory so that handing it
+    to the main process costs a file descriptor, not a copy and a pickle of the bytes."""
+    t = torch.empty(0, dtype=torch.uint8)
+    if get_worker_info() is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    t.set_(torch.UntypedStorage._new_shared(max(nbytes, 1)), 0, (nbytes,), (1,))
+    return t
+
+
+class PackedBatch:
+    """A batch of raw samples as one contiguous ``uint8`` tensor plus offsets (and labels).
+
+    Made by ``PackDataset(..., packed=True)``: the C core reads the batch straight into a
+    shared-memory tensor in the worker, and the main process receives it without the bytes being
+    pickled.  Sample ``k`` is ``batch[k]`` (a zero-copy tensor view) or ``batch.tobytes(k)``.
+    ``labels`` is a tensor when a label column was asked for, else None.
+    """
+
+    __slots__ = ("data", "offsets", "labels", "indices")
+
+    def __init__(self, data, offsets, labels=None, indices=None):
+        self.data, self.offsets, self.labels, self.indices = data, offsets, labels, indices
+
+    @classmethod
+    def read(cls, reader, indices) -> "PackedBatch":
+        idx = np.asarray(indices, dtype=np.int64)
+        holder = {}
+
+        def alloc(n):
+            holder["t"] = _shared_uint8(n)
+            return holder["t"].numpy()
+
+        _, offsets = reader.dataset.get_batch_packed(idx, alloc=alloc)
+        labels = torch.from_numpy(np.ascontiguousarray(reader.labels()[idx])) if reader.label is not None else None
+        return cls(holder["t"], torch.from_numpy(offsets), labels, torch.from_numpy(idx))
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, k):
+        return self.data[int(self.offsets[k]):int(self.offsets[k + 1])]
+
+    def tobytes(self, k) -> bytes:
+        return self.data[int(self.offsets[k]):int(self.offsets[k + 1])].numpy().tobytes()
+
+    def samples(self) -> list:
+        """All samples as a list of bytes."""
+        buf = memoryview(self.data.numpy())
+        off = self.offsets.tolist()
+        return [bytes(buf[off[k]:off[k + 1]]) for k in range(len(off) - 1)]
+
+    def pin_memory(self):
+        return PackedBatch(self.data.pin_memory(), self.offsets, self.labels, self.indices)
+
+    def __repr__(self):
+        return f"PackedBatch({len(self)} samples, {self.data.numel()} bytes)"
+
+
+def collate_packed(batch):
+    """The collate_fn for ``PackDataset(packed=True)``: the batch is already one object."""
+    return batch
 
 
 class _EpochState:
@@ -415,7 +485,13 @@ class PackDataLoader(DataLoader):
     ``{"seed", "epoch", "consumed"}`` state of the :class:`PackBatchSampler`,
     :class:`PackSampler` or :class:`PackIterableDataset` it drives.  Resume with
     ``load_state_dict`` on a fresh loader -- with any number of workers.
+    With ``PackDataset(packed=True)`` the default collate_fn is :func:`collate_packed`.
     """
+
+    def __init__(self, dataset, *args, **kwargs):
+        if getattr(dataset, "packed", False) and kwargs.get("collate_fn") is None:
+            kwargs["collate_fn"] = collate_packed
+        super().__init__(dataset, *args, **kwargs)
 
     def _pack_source(self):
         if isinstance(self.dataset, PackIterableDataset):

@@ -102,6 +102,28 @@ def test_map_style_two_workers(data, context):
     assert epochs[0] != epochs[1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_packed_batches_through_shared_memory(data, workers):
+    """packed=True: each batch arrives as one uint8 tensor + offsets (shared memory from workers)."""
+    from packfmt.torch import PackedBatch
+    ds = PackDataset(data, label="label", packed=True)
+    sampler = PackBatchSampler(ds, BS, seed=5)
+    loader = PackDataLoader(ds, batch_sampler=sampler, num_workers=workers)
+    seen = []
+    for batch in loader:
+        assert isinstance(batch, PackedBatch) and batch.data.dtype == torch.uint8
+        assert len(batch) == len(batch.indices) == len(batch.labels)
+        assert (batch.data.is_shared() if workers else True)
+        idx = batch.indices.tolist()
+        assert batch.samples() == [sample_bytes(i) for i in idx]
+        assert batch.tobytes(0) == sample_bytes(idx[0]) and bytes(batch[0].tolist()) == sample_bytes(idx[0])
+        assert batch.labels.tolist() == [3 * i for i in idx]
+        seen.extend(idx)
+    assert seen == EpochOrder(N, seed=5, epoch=0).indices().tolist()
+    with pytest.raises(ValueError, match="transform"):
+        PackDataset(data, packed=True, transform=len)
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_iterable_two_workers(data, context):
     ds = PackIterableDataset(data, batch_size=BS, seed=11, label="label")
