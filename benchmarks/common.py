@@ -210,6 +210,16 @@ def warm_files(paths) -> tuple:
     return total, time.perf_counter() - t0, pgpgin_kib() - k0
 
 
+def readdir_order(root: str) -> list:
+    """Every file under root in the order `tar cf` (no --sort) reads them: directory entries as the
+    file system returns them, depth first.  Warming in the order the consumer reads keeps the time
+    between a file's warm-up and its use short, so the kernel has no time to evict it."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        out.extend(os.path.join(dirpath, f) for f in filenames)
+    return out
+
+
 def dataset_files(ds_dir: str) -> list:
     """Every file of a packfmt dataset directory (shards, index, manifest, dictionary)."""
     return [os.path.join(ds_dir, n) for n in sorted(os.listdir(ds_dir))

@@ -57,6 +57,7 @@ from common import (  # noqa: E402
     markdown_table,
     pack_build_cmd,
     pgpgin_kib,
+    readdir_order,
     tree_files,
     update_markdown_section,
     warm_files,
@@ -220,18 +221,23 @@ def measure_build(tree_root, all_tree_paths, cache, reps, n_files, workers=None)
     rows = []
     tar_out = os.path.join(tmp, "tree.tar")
     pack_out = os.path.join(tmp, "tree.pack")
-    jobs = [("tar cf", ["tar", "cf", tar_out, "-C", tree_root, "."])]
+    # Warm in the order each consumer reads: tar in readdir order, pack build in sorted order.
+    tar_order = readdir_order(tree_root)
+    sorted_order = sorted(all_tree_paths)
+    jobs = [("tar cf", ["tar", "cf", tar_out, "-C", tree_root, "."], tar_order)]
     if have_pack_build():
-        jobs.append(("pack build --compression none", pack_build_cmd(tree_root, pack_out, "none", workers)))
+        jobs.append(("pack build --compression none", pack_build_cmd(tree_root, pack_out, "none", workers),
+                     sorted_order))
         if workers is None:
-            jobs.append(("pack build --compression none --workers 1", pack_build_cmd(tree_root, pack_out, "none", 1)))
-    for label, cmd in jobs:
+            jobs.append(("pack build --compression none --workers 1",
+                         pack_build_cmd(tree_root, pack_out, "none", 1), sorted_order))
+    for label, cmd, order in jobs:
         times, cpus, paged, warm_in = [], [], 0, 0
         for rep in range(reps + 1):  # rep 0: untimed, pages in the program and its libraries
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             subprocess.run(["sync"], check=True)
-            evicted = warm_files(all_tree_paths)[2]
+            evicted = warm_files(order)[2]
             k0 = pgpgin_kib()
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
