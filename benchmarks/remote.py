@@ -205,10 +205,10 @@ def main():
         # Samples per page-cache block: the locality-aware shuffle reads blocks of that many neighbours.
         per_block = max(1, int(args.block_size // (payload / args.n)))
 
-        def epochs(source, mode, limit=None, open_kwargs=None, block=per_block):
+        def epochs(source, mode, limit=None, open_kwargs=None, block=per_block, window=16):
             """A persistent DataLoader, as in training: epoch 1 opens the dataset in each worker."""
             ds = PackDataset(source, open_kwargs=open_kwargs)
-            sampler = PackBatchSampler(ds, B, seed=0, epoch=1, mode=mode, block_size=block, window=16)
+            sampler = PackBatchSampler(ds, B, seed=0, epoch=1, mode=mode, block_size=block, window=window)
             bs = sampler if limit is None else LimitedBatches(sampler, limit)
             loader = DataLoader(ds, batch_sampler=bs, num_workers=W, collate_fn=count_collate, prefetch_factor=4,
                                 persistent_workers=True)
@@ -242,11 +242,15 @@ def main():
             if mode in local:
                 r["note"] = f"{r['rate'] / local[mode]['rate']:.2f}x the local-disk epoch's samples/s"
         # a page cache holding a quarter of the dataset: locality decides what is fetched again
+        # (a shuffle-block window spans about window x 2 cache blocks per worker: that must fit)
         small = stored // 4
-        for mode in ("global", "block"):
-            ep = epochs(url, mode, open_kwargs=dict(storage_options=opts, cache=fresh_cache(f"small-{mode}", small)))
-            measure(f"S3 {mode}, page cache of 1/4 the dataset (epoch 1)", ep, args.n,
-                    note=f"{small / 2**20:.0f} MiB cache")
+        for mode, window in (("global", 16), ("block", 16), ("block", 4)):
+            limit = args.uncached_n if mode == "global" else None
+            ep = epochs(url, mode, limit=limit, window=window,
+                        open_kwargs=dict(storage_options=opts, cache=fresh_cache(f"small-{mode}-{window}", small)))
+            what = "" if mode == "global" else f", window {window}"
+            measure(f"S3 {mode}{what}, page cache of 1/4 the dataset (epoch 1)", ep, limit or args.n,
+                    note=f"{small / 2**20:.0f} MiB cache" + (f"; first {limit:,} samples" if limit else ""))
         # no page cache: coalesced ranged GETs straight from the store
         for mode in ("global", "block", "none"):
             limit = args.uncached_n if mode == "global" else None
@@ -281,7 +285,7 @@ def main():
              f"proxy adding {args.latency * 1000:.0f} ms to every request; one epoch through "
              f"`DataLoader(num_workers={W}, persistent_workers=True)` with batches of {B}; page cache blocks of "
              f"{args.block_size >> 10} KiB; `block` mode shuffles blocks of {per_block} neighbouring samples "
-             f"(about one cache block) in windows of 16. GETs and bytes are counted at the proxy (all workers), without "
+             f"(about one cache block) in windows of 16 blocks unless noted. GETs and bytes are counted at the proxy (all workers), without "
              f"the 2 GETs (manifest, index) each process spends to open the dataset. "
              f"Machine: {describe_machine(info)}.")
     print(intro)
