@@ -244,16 +244,17 @@ def test_s3_requests_are_coalesced_and_counted(moto_server, s3_bucket, s3_proxy)
 
 @pytest.mark.parametrize("fault", ["status", "reset", "truncate", "delay"])
 def test_s3_reads_retry_through_faults(moto_server, s3_bucket, s3_proxy, fault):
-    store = open_store(f"s3://{s3_bucket}/f", s3_options(s3_proxy.url, retries=4, read_timeout=0.5,
+    store = open_store(f"s3://{s3_bucket}/f", s3_options(s3_proxy.url, retries=4, read_timeout=1.0,
                                                           max_gap=0, max_request=1 << 20))
     data = os.urandom(2_500_000)
     store.put_bytes("s", data)
     s3_proxy.reset()
     store.stats.reset()
-    s3_proxy.inject(fault, times=3, method="GET", delay=2.0, keep=0.3)
+    s3_proxy.inject(fault, times=3, method="GET", delay=3.0, keep=0.3)
     rs = [(0, 10), (1000, 2_000_000), (2_400_000, 100_000)]
     assert store.read_ranges("s", rs) == [data[o:o + n] for o, n in rs]
-    assert store.stats.retries == 3
+    # one retry per fault (a slow machine may time out a healthy request too: never fewer)
+    assert store.stats.retries == 3 if fault != "delay" else store.stats.retries >= 3
     assert len([e for e in s3_proxy.log("GET") if e.fault == fault]) == 3
 
 
