@@ -13,8 +13,7 @@ import pytest
 from packfmt.remote import RemoteReader
 from packfmt.storage import RemoteReadError, open_store
 
-pytest_plugins = ["conftest_servers"]
-from conftest_servers import s3_options  # noqa: E402
+from conftest_servers import s3_options  # fixtures come in through tests/conftest.py
 
 
 class DictCache:

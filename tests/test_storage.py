@@ -12,15 +12,14 @@ import random
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from packfmt.storage import LocalStore, ObjectNotFoundError, RemoteReadError, open_store
 from packfmt.storage.ranges import assemble, coalesce, split
 from packfmt.storage.retry import RetryPolicy, ShortReadError, is_transient
 
-pytest_plugins = ["conftest_servers"]
-from conftest_servers import s3_options  # noqa: E402
+from conftest_servers import s3_options  # fixtures come in through tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------
