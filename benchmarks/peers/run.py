@@ -259,6 +259,13 @@ def rate(res, key, n, nbytes=None):
     return n / s, (nbytes / s / 1e6 if nbytes is not None else None)
 
 
+def cpu_rate(res, key, n):
+    m = res.get(key) if res else None
+    if not m or not m.get("cpu_seconds"):
+        return None
+    return n / m["cpu_seconds"]
+
+
 def summarize(args, prep, builds, reads, lim, names):
     """Per system: the figures used by the tables and the charts."""
     n = len(prep["rels"])
@@ -275,6 +282,7 @@ def summarize(args, prep, builds, reads, lim, names):
             row["size_ratio"] = b.get("bytes_src", in_bytes) / in_bytes
         elif not b.get("unavailable") and not b.get("error"):
             row["build_s"] = b["seconds"]
+            row["build_fsync_s"] = b.get("fsync_after_s")
             row["build_files_s"] = n / b["seconds"]
             row["build_rss_mib"] = max(b["self_maxrss_kib"], b["children_maxrss_kib"]) / 1024
             row["size_ratio"] = b["bytes"] / in_bytes
@@ -291,6 +299,12 @@ def summarize(args, prep, builds, reads, lim, names):
             row["batched"], row["batched_MBps"] = rate(r, "batched", rs, rbytes)
             row["sequential"], row["sequential_MBps"] = rate(r, "sequential", n, in_bytes)
             row["loader"], _ = rate(r, "loader", r.get("loader_epoch_samples") or n)
+            row["cpu_random"] = cpu_rate(r, "random", rs)
+            row["cpu_batched"] = cpu_rate(r, "batched", rs)
+            row["cpu_sequential"] = cpu_rate(r, "sequential", n)
+            row["cpu_loader"] = cpu_rate(r, "loader", r.get("loader_epoch_samples") or n)
+            row["load1"] = max([r[k].get("load1", 0) for k in ("random", "batched", "sequential", "loader") if k in r]
+                               or [0])
             row["loader_exact"] = r.get("loader_epoch_exact")
             row["loader_unique"] = r.get("loader_epoch_unique")
             row["loader_samples"] = r.get("loader_epoch_samples")
@@ -323,6 +337,8 @@ def tables(rows, lim, names, prep):
         nm = r["name"]
         zs = [f"{c}: {r[k]:.3f}" for c in ("zstd", "zstd-dict") for k in [f"size_ratio_{c}"] if k in r]
         bs = "nothing to build" if s == "loose" else _f(r.get("build_s"), "{:.1f}")
+        if r.get("build_fsync_s") is not None and s != "loose":
+            bs += f" + {r['build_fsync_s']:.1f}"
         if "build_s_1worker" in r:
             bs += f" (1 worker: {r['build_s_1worker']:.1f})"
         build_rows.append([
@@ -350,19 +366,28 @@ def tables(rows, lim, names, prep):
             (fmt_rate(r["batched"]) + _ratio(r["batched"], mlim)) if r.get("batched") else "n/a (no batch API)",
             f"{fmt_rate(r['sequential'])} / {r['sequential_MBps']:.0f}" + _ratio(r["sequential_MBps"], slim),
             lo or "n/a (no torch Dataset)",
-            f"{r['rss_mib']:.0f} / {r['worker_rss_mib']:.0f}",
+            f"{r['rss_mib']:.0f} / {r['worker_rss_mib']:.0f} ({r['rss_anon_mib']:.0f})",
             f"{r['own_read_kib']:,} / {r['pgpgin_kib']:,}",
         ])
     bt = markdown_table(
-        ["system", "what it is", "build s", "files/s (× read-all-sources)", "size ÷ input", "with compression",
+        ["system", "what it is", "build s + fsync s", "files/s (× read-all-sources)", "size ÷ input", "with compression",
          "build peak RSS MiB"],
         build_rows, "llrrrll")
     rt = markdown_table(
         ["system", "status", "open + 1st sample ms", "random get samples/s (× C pread)", "random MB/s",
          "batched samples/s (× C mmap+memcpy)", "sequential samples/s / MB/s (× C seq memcpy)",
-         "DataLoader 2 workers samples/s (× C pread)", "peak RSS MiB main / worker", "disk reads KiB: own / system pgpgin"],
+         "DataLoader 2 workers samples/s (× C pread)", "peak RSS MiB main / worker (anon at end)", "disk reads KiB: own / system pgpgin"],
         read_rows, "llrrrrrrrr")
-    return bt, rt, notes
+    cpu_rows = []
+    for s, r in rows.items():
+        if r["status"] != "ok":
+            continue
+        cpu_rows.append([r["name"]] + [fmt_rate(r[k]) if r.get(k) else "n/a" for k in
+                                      ("cpu_random", "cpu_batched", "cpu_sequential", "cpu_loader")]
+                        + [f"{r.get('load1', 0):.1f}"])
+    ct = markdown_table(["system", "random get", "batched", "sequential", "DataLoader epoch (main + 2 workers)",
+                         "load1 while timed (max)"], cpu_rows, "lrrrrr")
+    return bt, rt, notes, ct
 
 
 def charts(rows, lim, img_dir, stamp):
@@ -429,10 +454,80 @@ def charts(rows, lim, img_dir, stamp):
     return p1, p2
 
 
+SHARD_PEERS = ("mosaic", "litdata", "wds", "arrayrecord")
+
+
+def goals(rows):
+    """The issue's goals, each with the figure that decides it: [goal, packfmt, best peer, verdict]."""
+    pk = rows.get("packfmt", {})
+    peers = {s: r for s, r in rows.items() if s != "packfmt" and r.get("status") == "ok"}
+    out = []
+
+    def best(key, among=None):
+        c = [(r.get(key), r["name"]) for s, r in peers.items() if r.get(key) and (among is None or s in among)]
+        return max(c) if c else (None, "-")
+
+    def verdict(ok):
+        return "**met**" if ok else "**not met**"
+
+    pb = pk.get("batched")
+    fastest_single = max([(max(r.get("random") or 0, r.get("batched") or 0), r["name"]) for r in peers.values()]
+                         or [(None, "-")])
+    def cpu_note(key_pk, keys_peer, among=None):
+        c = pk.get(key_pk)
+        v = max([max(r.get(k) or 0 for k in keys_peer) for s, r in peers.items() if among is None or s in among]
+                or [0])
+        return f" (per CPU-second: {c / v:.2f}×)" if c and v else ""
+
+    if pb and fastest_single[0]:
+        x = pb / fastest_single[0]
+        out.append(["batched random ≥ 3× the fastest peer's best random access",
+                    f"{fmt_rate(pb)}/s", f"{fmt_rate(fastest_single[0])}/s ({fastest_single[1]})",
+                    f"{x:.2f}× — {verdict(x >= 3)}" + cpu_note("cpu_batched", ("cpu_random", "cpu_batched"))])
+    for s in SHARD_PEERS:
+        r = peers.get(s)
+        if pb and r:
+            v = max(r.get("random") or 0, r.get("batched") or 0)
+            x = pb / v
+            out.append([f"batched random ≥ 10× {r['name']}", f"{fmt_rate(pb)}/s", f"{fmt_rate(v)}/s",
+                        f"{x:.1f}× — {verdict(x >= 10)}" + cpu_note("cpu_batched", ("cpu_random", "cpu_batched"), (s,))])
+    bt = [(r["build_s"], r["name"]) for s, r in rows.items() if s != "packfmt" and r.get("build_s")]
+    if pk.get("build_s") and bt:
+        b = min(bt)
+        one = pk.get("build_s_1worker")
+        out.append(["build time ≤ the best peer", f"{pk['build_s']:.1f} s" + (f" (1 worker: {one:.1f} s)" if one else ""),
+                    f"{b[0]:.1f} s ({b[1]})", verdict(pk["build_s"] <= b[0])])
+        dur = [(r["build_s"] + r["build_fsync_s"], r["name"]) for s, r in rows.items()
+               if s not in ("packfmt", "loose") and r.get("build_s") and r.get("build_fsync_s") is not None]
+        if dur and pk.get("build_fsync_s") is not None:
+            b = min(dur)
+            pd = pk["build_s"] + pk["build_fsync_s"]
+            out.append(["durable build (build + fsync of the output) ≤ the best peer", f"{pd:.1f} s",
+                        f"{b[0]:.1f} s ({b[1]})", verdict(pd <= b[0])])
+    for key, label in (("size_ratio", "no compression"), ("size_ratio_zstd", "zstd")):
+        c = [(r[key], r["name"]) for s, r in rows.items() if s not in ("packfmt", "loose") and r.get(key)]
+        if pk.get(key) and c:
+            b = min(c)
+            out.append([f"size within 5% of the best peer ({label})", f"{pk[key]:.3f}", f"{b[0]:.3f} ({b[1]})",
+                        f"{(pk[key] / b[0] - 1) * 100:+.1f}% — {verdict(pk[key] <= b[0] * 1.05)}"])
+    if pk.get("loader"):
+        b = best("loader")
+        if b[0]:
+            out.append(["shuffled DataLoader epoch ≥ the best peer", f"{fmt_rate(pk['loader'])}/s",
+                        f"{fmt_rate(b[0])}/s ({b[1]})", f"{pk['loader'] / b[0]:.2f}× — {verdict(pk['loader'] >= b[0])}"
+                        + cpu_note("cpu_loader", ("cpu_loader",))])
+    for key, label in (("random", "random get(i)"), ("sequential", "sequential pass")):
+        b = best(key)
+        if pk.get(key) and b[0]:
+            out.append([f"{label}: first (no goal set; for the record)", f"{fmt_rate(pk[key])}/s",
+                        f"{fmt_rate(b[0])}/s ({b[1]})", f"{pk[key] / b[0]:.2f}×" + cpu_note("cpu_" + key, ("cpu_" + key,))])
+    return markdown_table(["goal (issue 5)", "packfmt", "best peer", "ratio / verdict"], out, "lrrl")
+
+
 def report(args, prep, rows, lim, names, info, load_end, cmdline, charts_rel, builds, reads):
     spec = prep["spec"]
     sizes = prep["size_arr"]
-    bt, rt, notes = tables(rows, lim, names, prep)
+    bt, rt, notes, ct = tables(rows, lim, names, prep)
     lines = [
         f"Produced by `{cmdline}` on {info['date']}.",
         "",
@@ -456,6 +551,10 @@ def report(args, prep, rows, lim, names, info, load_end, cmdline, charts_rel, bu
         f"reading every source file once (Python open/read, warm) "
         f"{fmt_rate(lim['read_sources_files_per_s'])} files/s.",
         "",
+        "### Goals",
+        "",
+        goals(rows),
+        "",
         "### Build and size",
         "",
         bt,
@@ -463,6 +562,12 @@ def report(args, prep, rows, lim, names, info, load_end, cmdline, charts_rel, bu
         "### Read",
         "",
         rt,
+        "",
+        "Samples per CPU-second (best repetition; the process's CPU time, all threads, plus its DataLoader "
+        "workers'). On a shared 2-core machine wall-clock rates move with the other engineers' load; "
+        "CPU-time rates much less, so compare systems on these when the load column differs:",
+        "",
+        ct,
         "",
     ]
     lines += notes
@@ -502,6 +607,7 @@ def main(argv=None):
                    help="markdown file whose 'Peers' section is (re)written; '' to skip")
     p.add_argument("--img", default=os.path.join(REPO, "docs", "img"))
     p.add_argument("--json", default=None, help="also write all raw results here")
+    p.add_argument("--from-json", default=None, help="re-make the report and charts from a --json file, no run")
     args = p.parse_args(argv)
     if args.install:
         install(args.venv)
@@ -516,10 +622,18 @@ def main(argv=None):
             p.error(f"unknown system {s!r}; known: {', '.join(SYSTEMS)}")
     if "packfmt" not in systems:
         p.error("packfmt is the baseline of the limits: keep it in --systems")
+    names = display_names()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        for k, v in saved.get("args", {}).items():
+            setattr(args, k, v)
+        prep = prepare(args)
+        return finish(args, argv, prep, saved["builds"], saved["reads"], saved["limits"], names, saved["machine"],
+                      saved.get("load_end", saved["machine"]["load"]), saved.get("cmdline", "?"), saved["uptime"])
     info = machine_info()
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     log(f"{describe_machine(info)}\n{uptime}")
-    names = display_names()
     prep = prepare(args)
     log(f"tree: {prep['root']} ({len(prep['rels']):,} files); building ...")
     builds = {}
@@ -556,19 +670,25 @@ def main(argv=None):
             continue
         reads[s] = run_worker(args, prep, s, "read", os.path.join(prep["work"], f"{s}.none"), "none", common)
     load_end = os.getloadavg()
-    rows = summarize(args, prep, builds, reads, lim, names)
-    stamp = info["date"]
     cmdline = " ".join([sys.executable, os.path.relpath(__file__, REPO),
                         *(argv if argv is not None else sys.argv[1:])])
+    return finish(args, argv, prep, builds, reads, lim, names, info, load_end, cmdline, uptime)
+
+
+def finish(args, argv, prep, builds, reads, lim, names, info, load_end, cmdline, uptime):
+    rows = summarize(args, prep, builds, reads, lim, names)
+    stamp = info["date"]
     docs_dir = os.path.dirname(os.path.abspath(args.docs)) if args.docs else REPO
     img_paths = charts(rows, lim, args.img, stamp)
     charts_rel = [os.path.relpath(pth, docs_dir) for pth in img_paths]
     text = report(args, prep, rows, lim, names, info, load_end, cmdline, charts_rel, builds, reads)
     print(text)
-    if args.json:
+    if args.json and not args.from_json:
+        keep = {k: getattr(args, k) for k in ("files", "random", "verify", "batch", "reps")}
         with open(args.json, "w") as f:
             json.dump({"builds": builds, "reads": reads, "limits": lim, "rows": rows, "machine": info,
-                       "uptime": uptime}, f, indent=1, default=str)
+                       "uptime": uptime, "load_end": load_end, "cmdline": cmdline, "args": keep}, f, indent=1,
+                      default=str)
     if args.docs:
         update_markdown_section(args.docs, "peers", "Peers", text)
         log(f"wrote the Peers section of {args.docs}")
