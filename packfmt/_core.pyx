@@ -6,7 +6,8 @@ place: check_status().
 """
 import os
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
@@ -460,36 +461,48 @@ cdef class ShardSet:
             free(dst)
 
 
-def verify_buffers(list bufs, const uint64_t[::1] checksums, names=None, samples=None):
+def verify_buffers(list bufs, const uint64_t[::1] checksums, names=None, samples=None, offsets=None):
     """Check fetched stored bytes against their checksums (remote reads).  Raises CorruptShardError
-    naming names[k] for the first mismatch."""
+    naming names[k] (and offsets[k], samples[k]) for the first mismatch.  bufs: bytes or other
+    contiguous buffers."""
     cdef Py_ssize_t k, n = len(bufs)
     if checksums.shape[0] < n:
         raise ValueError("one checksum per buffer")
     cdef const uint8_t **ptrs = <const uint8_t **>malloc(max(n, 1) * sizeof(uint8_t *))
     cdef uint32_t *lens = <uint32_t *>malloc(max(n, 1) * sizeof(uint32_t))
-    cdef const uint8_t[::1] view
-    cdef list views = []
+    cdef Py_buffer *views = <Py_buffer *>malloc(max(n, 1) * sizeof(Py_buffer))
+    cdef Py_ssize_t nviews = 0
+    cdef object b
     cdef pk_error err
     clear_error(&err)
     cdef int rc
-    if ptrs is NULL or lens is NULL:
-        free(ptrs); free(lens)
+    if ptrs is NULL or lens is NULL or views is NULL:
+        free(ptrs); free(lens); free(views)
         raise MemoryError()
     try:
         for k in range(n):
-            view = memoryview(bufs[k]).cast("B")
-            views.append(view)
-            ptrs[k] = &view[0] if view.shape[0] else NULL
-            lens[k] = <uint32_t>view.shape[0]
+            b = bufs[k]
+            if PyBytes_CheckExact(b):  # the common case: no buffer protocol round trip
+                ptrs[k] = <const uint8_t *>PyBytes_AS_STRING(b)
+                lens[k] = <uint32_t>PyBytes_GET_SIZE(b)
+            else:
+                PyObject_GetBuffer(b, &views[nviews], PyBUF_C_CONTIGUOUS)
+                nviews += 1
+                ptrs[k] = <const uint8_t *>views[nviews - 1].buf
+                lens[k] = <uint32_t>views[nviews - 1].len
         with nogil:
             rc = pk_verify_buffers(n, ptrs, lens, &checksums[0] if n else NULL, &err)
         if rc != PK_OK:
             where = names[err.item] if names is not None and err.item >= 0 else "<buffer>"
+            if offsets is not None and err.item >= 0:
+                err.offset = int(offsets[err.item])
             check_status(rc, &err, where, samples)
     finally:
+        for k in range(nviews):
+            PyBuffer_Release(&views[k])
         free(ptrs)
         free(lens)
+        free(views)
 
 
 # --- the node-local page cache (src_c/pagecache.h), see packfmt/cache.py

@@ -75,13 +75,13 @@ def _read_capped(store, name: str, limit: int) -> bytes:
 
 
 class _ShardNames:
-    """Names the shard and offset of batch item k, for error messages (built only on error)."""
+    """Names the shard of batch item k, for error messages (looked up only on error)."""
 
-    def __init__(self, paths, shard, offsets):
-        self.paths, self.shard, self.offsets = paths, shard, offsets
+    def __init__(self, paths, shard):
+        self.paths, self.shard = paths, shard
 
     def __getitem__(self, k):
-        return f"{self.paths[int(self.shard[k])]} at offset {int(self.offsets[k])}"
+        return self.paths[int(self.shard[k])]
 
 
 class Dataset:
@@ -142,8 +142,7 @@ class Dataset:
                 source = pa.memory_map(store.local_path(m.index_name), "r")  # zero-copy columns
                 size = source.size()
             else:
-                size = m.index_size
-                source = pa.py_buffer(store.read_bytes(m.index_name))
+                source = pa.py_buffer(store.read_bytes(m.index_name, size=m.index_size))
                 size = source.size
         except FileNotFoundError:
             raise ManifestError(f"{ipath}: the index named by the manifest is missing") from None
@@ -421,8 +420,8 @@ class Dataset:
         stored = c["stored_len"][rows].astype(np.uint64)
         pieces = self._reader.read(shard, c["offset"][rows], stored)
         if self._options["verify"]:
-            _core.verify_buffers(pieces, np.ascontiguousarray(c["checksum"][rows]),
-                                 _ShardNames(self._paths, shard, c["offset"][rows]), rows)
+            _core.verify_buffers(pieces, np.ascontiguousarray(c["checksum"][rows]), _ShardNames(self._paths, shard),
+                                 rows, c["offset"][rows])
         if self._raw_only:
             return [bytes(p) for p in pieces]
         starts = np.zeros(len(rows), dtype=np.uint64)
