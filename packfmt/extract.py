@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import numpy as np
 
 from packfmt.errors import UnsafeKeyError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+#: Keys longer than this (UTF-8 bytes) or deeper than MAX_DEPTH are refused: the writer never makes them.
+MAX_KEY_BYTES = 4096
+MAX_DEPTH = 255
 
 
 def key_parts(key: str) -> list:
     """Split a key into path components, refusing anything that could leave the output directory."""
     if not key or "\x00" in key:
         raise UnsafeKeyError(f"refusing key {key[:80]!r}: empty or contains NUL")
+    if len(key) > MAX_KEY_BYTES or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise UnsafeKeyError(f"refusing key {key[:80]!r}...: longer than {MAX_KEY_BYTES} bytes")
+    if key.count("/") >= MAX_DEPTH:
+        raise UnsafeKeyError(f"refusing key {key[:80]!r}...: deeper than {MAX_DEPTH} directories")
     if key.startswith("/"):
         raise UnsafeKeyError(f"refusing key {key[:80]!r}: absolute path")
     parts = key.split("/")
@@ -43,42 +53,53 @@ class _Tree:
         self._fds = {(): os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)}
 
     def dir_fd(self, parts: tuple, key: str) -> int:
-        fd = self._fds.get(parts)
-        if fd is not None:
-            return fd
-        parent = self.dir_fd(parts[:-1], key)
-        name = parts[-1]
-        try:
-            os.mkdir(name, 0o755, dir_fd=parent)
-        except FileExistsError:
-            pass
-        try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-        except OSError as e:
-            if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise UnsafeKeyError(f"refusing key {key!r}: {'/'.join(parts)} in the output directory is a "
-                                     "symlink or not a directory") from None
-            raise
-        self._fds[parts] = fd
+        """The fd of directory parts (relative to the root), creating it; never through a symlink."""
+        depth = len(parts)
+        while depth > 0 and parts[:depth] not in self._fds:
+            depth -= 1
+        fd = self._fds[parts[:depth]]
+        for i in range(depth, len(parts)):
+            name = parts[i]
+            try:
+                os.mkdir(name, 0o755, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeKeyError(f"refusing key {key!r}: {'/'.join(parts[:i + 1])} in the output directory "
+                                         "is a symlink or not a directory") from None
+                raise
+            self._fds[parts[:i + 1]] = fd
         return fd
 
     def write(self, key: str, parts: list, data: bytes) -> None:
+        """Write to a new temporary file, then rename it over the key's name: an existing file, symlink
+        or hard link at that name is replaced, never written through."""
         parent = self.dir_fd(tuple(parts[:-1]), key)
+        name = parts[-1]
         try:
-            fd = os.open(parts[-1], _FILE_FLAGS, 0o644, dir_fd=parent)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafeKeyError(f"refusing key {key!r}: the output path is a symlink") from None
-            if e.errno == errno.EISDIR:
-                raise UnsafeKeyError(f"refusing key {key!r}: the output path is a directory") from None
-            raise
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise UnsafeKeyError(f"refusing key {key!r}: the output path is a symlink")
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise UnsafeKeyError(f"refusing key {key!r}: the output path is a directory")
+        tmp = f".{name[:200]}.packfmt-{os.getpid()}.tmp"
+        fd = os.open(tmp, _TMP_FLAGS, 0o644, dir_fd=parent)
         try:
             view = memoryview(data)
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-        finally:
+        except BaseException:
             os.close(fd)
+            os.unlink(tmp, dir_fd=parent)
+            raise
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
 
     def close(self) -> None:
         for fd in self._fds.values():
