@@ -15,7 +15,7 @@ import os
 import sys
 import types
 
-from base import Adapter, Reader, identity_collate
+from base import Adapter, Reader
 
 SHIMMED = False
 

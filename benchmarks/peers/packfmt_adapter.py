@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 from base import Adapter, Reader, identity_collate
 

@@ -34,7 +34,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -182,7 +181,7 @@ def measure_limits(args, prep, pack_dir):
     lim["seqread_GBps"] = total / min(ts) / 1e9
     lim["seqread_pgpgin_kib"] = pgpgin_kib() - k0
     # limits.c at the random positions (same order, batches of args.batch) and at all positions in order
-    exe = compile_c(os.path.join(BENCH, "limits.c"), tempfile.mkdtemp(prefix="peers-limits-"),
+    exe = compile_c(os.path.join(BENCH, "limits.c"), prep["work"],
                     extra_sources=[os.path.join(REPO, "src_c", "checksum.c")])
 
     def run_positions(rows, name):
@@ -391,7 +390,12 @@ def tables(rows, lim, names, prep):
 
 
 def charts(rows, lim, img_dir, stamp):
-    import matplotlib
+    """The two PNGs; [] when matplotlib is not installed (it is in requirements-peers.txt)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: no charts")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(img_dir, exist_ok=True)
@@ -679,7 +683,7 @@ def finish(args, argv, prep, builds, reads, lim, names, info, load_end, cmdline,
     rows = summarize(args, prep, builds, reads, lim, names)
     stamp = info["date"]
     docs_dir = os.path.dirname(os.path.abspath(args.docs)) if args.docs else REPO
-    img_paths = charts(rows, lim, args.img, stamp)
+    img_paths = charts(rows, lim, args.img, stamp) if args.img else []
     charts_rel = [os.path.relpath(pth, docs_dir) for pth in img_paths]
     text = report(args, prep, rows, lim, names, info, load_end, cmdline, charts_rel, builds, reads)
     print(text)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from base import Adapter, Reader, identity_collate
+from base import Adapter, Reader
 
 SHARD_BYTES = 64 << 20
 
