@@ -62,16 +62,16 @@ def open(url, **options) -> "Dataset":  # noqa: A001 - the natural name, like io
 
 
 def _read_capped(store, name: str, limit: int) -> bytes:
-    """A small object whole; refuses one larger than limit (a manifest that is really /dev/zero)."""
-    if store.is_local:
-        path = store.local_path(name)
-        with _builtin_open(path, "rb") as f:
-            data = f.read(limit + 1)
-    else:
-        data = store.read_bytes(name)
-    if len(data) > limit:
-        raise ManifestError(f"{store.object_url(name)}: larger than the {limit}-byte limit for {name}")
-    return data
+    """A small object whole; refuses one larger than limit (a manifest that is really /dev/zero or an
+    endless HTTP answer) without reading more than limit + 1 bytes."""
+    try:
+        return store.read_bytes(name, max_size=limit)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "-byte limit" in str(e):
+            raise ManifestError(f"{store.object_url(name)}: larger than the {limit}-byte limit for {name}") from None
+        raise
 
 
 class _ShardNames:

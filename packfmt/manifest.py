@@ -24,7 +24,7 @@ FORMAT_VERSION = _core.FORMAT_VERSION
 MIN_READER_VERSION = _core.FORMAT_READ_VERSION
 
 #: Largest manifest we agree to parse (a hostile URL could serve gigabytes).
-MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 64 << 20  # ~150 bytes a shard: room for 400k shards
 
 # Names of objects inside a dataset: one path component, no dot-dot, nothing a URL would reinterpret.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")

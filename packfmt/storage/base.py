@@ -249,14 +249,17 @@ class Store:
         except Exception as exc:
             raise self._fail(exc, name, what, byte_range) from exc
 
-    def read_bytes(self, name: str, size: Optional[int] = None) -> bytes:
+    def read_bytes(self, name: str, size: Optional[int] = None, max_size: Optional[int] = None) -> bytes:
         """The whole object (manifest, index, dictionary).
 
         With ``size`` known (the manifest records the index's), a large object is fetched as
-        parallel ranged GETs of ``max_request`` bytes, and a different size is an error.
+        parallel ranged GETs of ``max_request`` bytes, and a different size is an error.  With
+        ``max_size``, an object larger than that is refused without being read whole.
         """
         if size is not None and size > self.max_request:
             return self.read_ranges(name, [(0, int(size))])[0]
+        if max_size is not None:
+            return self._retrying(lambda: self._get_object(name, max_size), name, "GET")
         data = self._retrying(lambda: self._get_object(name), name, "GET")
         if size is not None and len(data) != size:
             url = self.object_url(name)

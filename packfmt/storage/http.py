@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Optional
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 from .base import ObjectNotFoundError, PermanentError, Store, parse_options, read_only_error
 from .retry import TRANSIENT_HTTP_STATUS, ShortReadError
@@ -25,6 +25,14 @@ HTTP_OPTIONS = {
 }
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+_MAX_REDIRECTS = 5
+
+
+def _origin(url: str):
+    p = urlsplit(url)
+    return (p.scheme, p.hostname, p.port or (443 if p.scheme == "https" else 80))
 
 
 class HTTPStatusError(Exception):
@@ -82,8 +90,21 @@ class HTTPStore(Store):
         h = dict(self.headers)
         if headers:
             h.update(headers)
-        resp = self.pool.request(method, self.object_url(name), headers=h, preload_content=False,
-                                 redirect=True)
+        url = self.object_url(name)
+        for _ in range(_MAX_REDIRECTS + 1):
+            resp = self.pool.request(method, url, headers=h, preload_content=False, redirect=False)
+            if resp.status not in (301, 302, 303, 307, 308):
+                break
+            location = resp.headers.get("Location", "")
+            resp.drain_conn()
+            resp.release_conn()
+            target = urljoin(url, location)
+            if _origin(target) != _origin(url):
+                # A dataset server must not send the reader to other hosts (SSRF): same origin only.
+                raise PermanentError(f"refusing redirect from {url} to another origin: {target}")
+            url = target
+        else:
+            raise PermanentError(f"more than {_MAX_REDIRECTS} redirects for {self.object_url(name)}")
         if resp.status == 404:
             resp.drain_conn()
             resp.release_conn()
@@ -132,9 +153,24 @@ class HTTPStore(Store):
             raise ShortReadError(f"Content-Length {cl}, expected {length}")
         return self._body(resp, length)
 
-    def _get_object(self, name: str) -> bytes:
+    def _get_object(self, name: str, max_size: Optional[int] = None) -> bytes:
         resp = self._request("GET", "GET", name, {"Accept-Encoding": "identity"})
         cl = resp.headers.get("Content-Length")
+        if max_size is not None:
+            if cl is not None and int(cl) > max_size:
+                resp.drain_conn()
+                resp.release_conn()
+                raise PermanentError(f"object of {cl} bytes is larger than the {max_size}-byte limit")
+            try:
+                data = resp.read(max_size + 1, decode_content=False)  # an endless body stops here
+            finally:
+                resp.release_conn()
+            if len(data) > max_size:
+                raise PermanentError(f"object is larger than the {max_size}-byte limit")
+            self.stats.add_bytes(len(data))
+            if cl is not None and len(data) != int(cl):
+                raise ShortReadError(f"body has {len(data)} bytes, expected {cl}")
+            return data
         return self._body(resp, int(cl) if cl is not None else None)
 
     def _head(self, name: str) -> Optional[int]:

@@ -117,12 +117,15 @@ class LocalStore(Store):
         p = self.local_path(name)
         return ObjectNotFoundError(f"no such file: {p}", p)
 
-    def read_bytes(self, name: str, size: Optional[int] = None) -> bytes:
+    def read_bytes(self, name: str, size: Optional[int] = None, max_size: Optional[int] = None) -> bytes:
         try:
             with open(self.local_path(name), "rb") as f:
-                data = f.read()
+                data = f.read() if max_size is None else f.read(max_size + 1)
         except FileNotFoundError:
             raise self._not_found(name) from None
+        if max_size is not None and len(data) > max_size:
+            p = self.local_path(name)
+            raise RemoteReadError(f"{p} is larger than the {max_size}-byte limit", p, None, errno.EFBIG)
         if size is not None and len(data) != size:
             p = self.local_path(name)
             raise RemoteReadError(f"read {p}: {len(data)} bytes, expected {size}", p, (0, size), errno.EIO)

@@ -237,8 +237,23 @@ class S3Store(Store):
             raise ShortReadError(f"Content-Length {resp.get('ContentLength')}, expected {length}")
         return self._read_body(resp, length)
 
-    def _get_object(self, name: str) -> bytes:
+    def _get_object(self, name: str, max_size: Optional[int] = None) -> bytes:
         resp = self._call("GET", name, self.client.get_object)
+        if max_size is not None:
+            cl = resp.get("ContentLength")
+            body = resp["Body"]
+            try:
+                if cl is not None and cl > max_size:
+                    raise PermanentError(f"object of {cl} bytes is larger than the {max_size}-byte limit")
+                data = body.read(max_size + 1)
+            finally:
+                body.close()
+            if len(data) > max_size:
+                raise PermanentError(f"object is larger than the {max_size}-byte limit")
+            self.stats.add_bytes(len(data))
+            if cl is not None and len(data) != cl:
+                raise ShortReadError(f"body has {len(data)} bytes, expected {cl}")
+            return data
         return self._read_body(resp, resp.get("ContentLength"))
 
     def _head(self, name: str) -> Optional[int]:
