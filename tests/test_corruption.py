@@ -681,6 +681,11 @@ def test_http_redirect_to_another_host_is_not_followed(pristine, tmp_path):
     assert other.hits == [], f"the reader followed a redirect to another host: {other.hits}"
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "page cache poisoning: a block fetched with a corrupt byte stays cached and every reader on the node gets "
+    "CorruptShardError for its records until it is evicted. Fix (packfmt/dataset.py remote read path + "
+    "packfmt/cache.py): when record checksums fail on bytes served through the cache, drop the blocks "
+    "covering them and fetch once more before raising"))
 def test_http_corrupt_answer_is_caught_and_not_cached_for_good(pristine, tmp_path):
     """One ranged GET answers with a flipped byte (a bad proxy, a flaky NIC): that read fails with
     CorruptShardError -- never wrong bytes -- and once the server answers right again, readers sharing the
@@ -688,7 +693,7 @@ def test_http_corrupt_answer_is_caught_and_not_cached_for_good(pristine, tmp_pat
     from packfmt.cache import PageCache
 
     src, payloads = pristine
-    srv, url = _serve(os.path.dirname(src), "flip-once")
+    srv, url = _serve(src, "flip-once")
     try:
         cache_dir = str(tmp_path / "cache")
         ds = packfmt.open(url + "/ds", cache=PageCache(cache_dir, capacity="64MiB", block_size=64 << 10))
