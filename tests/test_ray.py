@@ -157,11 +157,11 @@ def _kill_on(marker):
 
 def test_datasink_task_killed_publishes_nothing(cluster, tmp_path):
     import packfmt.ray as pr
-    seen = []
+    seen, out = [], str(tmp_path / "out")
 
-    class Sink(pr.PackDatasink):
+    class Sink(pr.PackDatasink):  # pickled by value to the workers: only closures and builtins inside
         def on_write_failed(self, error):
-            seen.extend(leftovers(tmp_path / "out"))  # what the other tasks had written
+            seen.extend(os.listdir(out))  # what the other tasks had written
             super().on_write_failed(error)
     items = [{"key": f"k{i:04d}", "bytes": os.urandom(200)} for i in range(400)]
     ds = ray.data.from_items(items, override_num_blocks=4).map_batches(_kill_on("k0350"), batch_size=25, max_retries=0)
