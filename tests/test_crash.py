@@ -9,6 +9,8 @@ random delay drawn over the length of a full build, and then:
   * re-running the same build into the same destination succeeds -- without ``--overwrite`` when the
     killed build never published a manifest -- and gives the complete dataset.
 
+Also ``pack build`` into S3 (moto on 127.0.0.1), ``PACKFMT_CRASH_S3_TRIALS`` (default 6).
+
 Trials: ``PACKFMT_CRASH_TRIALS`` (default 18, ``pack build``) + ``PACKFMT_CRASH_WRITER_TRIALS`` (default 12); the seed is printed
 so a failure can be replayed with ``PACKFMT_CRASH_SEED``).
 """
@@ -217,3 +219,48 @@ def test_writer_exception_publishes_nothing(tmp_path):
     with packfmt.Writer(dst) as w:
         w.add("a", b"1")
     assert packfmt.open(dst)[0] == b"1"
+
+
+S3_TRIALS = int(os.environ.get("PACKFMT_CRASH_S3_TRIALS", "6"))
+
+
+def test_kill_pack_build_to_s3(tree, moto_server, s3_bucket):
+    """The same guarantee when the destination is an S3 prefix (moto on 127.0.0.1): shards stream into
+    multipart uploads, the manifest is the last object put."""
+    from conftest_servers import s3_options
+
+    src, files = tree
+    opts = s3_options(moto_server.endpoint)
+    env = {**os.environ, "AWS_ENDPOINT_URL": moto_server.endpoint, "AWS_ACCESS_KEY_ID": opts["aws_access_key_id"],
+           "AWS_SECRET_ACCESS_KEY": opts["aws_secret_access_key"], "AWS_DEFAULT_REGION": opts["region_name"]}
+    base = [sys.executable, "-m", "packfmt.cli", "build", "-q", "--workers", "2", "--shard-size", "512KiB"]
+    full = _time_full(base + [src, f"s3://{s3_bucket}/full"], env=env)
+    start = _startup_time()
+    rng = random.Random(SEED + 2)
+    outcomes = []
+
+    def state_of(url):
+        try:
+            ds = packfmt.open(url, storage_options=opts, cache=False)
+        except packfmt.DatasetNotFoundError:
+            return "absent"
+        assert len(ds) == len(files)
+        keys = ds.keys.to_pylist()
+        for k, data in zip(keys, ds.get_batch(np.arange(len(ds)))):
+            assert data == files[k], f"{url}: sample {k!r} differs from its source"
+        from packfmt.verify import verify_dataset
+
+        rep = verify_dataset(ds)
+        assert rep.ok, f"verify {url}: {rep}"
+        return "complete"
+
+    assert state_of(f"s3://{s3_bucket}/full") == "complete"
+    for t in range(S3_TRIALS):
+        url = f"s3://{s3_bucket}/t{t}"
+        rc = _run_until(base + [src, url], rng.uniform(0.7 * start, full), env=env)
+        state = state_of(url)
+        outcomes.append(f"{state}{'-finished' if rc == 0 else ''}")
+        build_dataset(src, url, shard_size="512KiB", workers=2, progress=False, storage_options=opts,
+                      overwrite=(state == "complete"))
+        assert state_of(url) == "complete"
+    _summary("pack build to S3", outcomes)
