@@ -560,6 +560,41 @@ print("growth_kib", after - before)
     assert ds.get_batch(raw_rows) == [payloads[i] for i in raw_rows]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "packfmt/dataset.py _decode: multi_decompress_to_buffer allocates each frame's declared raw_len before it "
+    "looks at the frame, so a batch of forged 2 GiB raw lengths raises MemoryError under an address-space "
+    "limit instead of CorruptShardError. Fix: compare raw_len with zstandard.get_frame_parameters(frame)"
+    ".content_size (the writer always records it) before decompressing; refuse frames without it"))
+def test_decompression_bomb_refused_before_allocating_under_memory_limit(tmp_path):
+    """Found by fuzz_open.py: forged 2 GiB raw lengths, in a child whose address space has 1 GiB of room
+    left (a container's limit, a loader with many workers), must be refused as corrupt before anything that
+    size is allocated -- not die of MemoryError."""
+    d = str(tmp_path / "ds")
+    h.make_dataset(d, compression="zstd")
+    t = h.read_index(d)
+    flags = np.array(t.column("flags").to_pylist())
+    zrows = np.flatnonzero(flags != _core.CODEC_NONE).tolist()
+    honest, bomb = zrows[0], zrows[1]
+    h.set_index_cell(d, "raw_len", bomb, _core.MAX_RECORD_SIZE)
+    code = f"""
+import resource, packfmt
+ds = packfmt.open({d!r})
+ds.get_batch([{honest}])
+vm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")][0] * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+for rows in ([{bomb}], [{honest}, {bomb}, {bomb}], [{honest}] + [{bomb}] * 8):
+    try:
+        ds.get_batch(rows)
+        print("READ")
+    except packfmt.CorruptShardError as e:
+        print("refused")
+    except MemoryError:
+        print("MemoryError")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["refused"] * 3, (r.stdout, r.stderr[-2000:])
+
+
 def test_zstd_frame_that_decodes_to_other_length(tmp_path):
     d = str(tmp_path / "ds")
     payloads = h.make_dataset(d, compression="zstd")
