@@ -187,6 +187,21 @@ def pgpgin_kib() -> int:
     return 0
 
 
+def own_disk_read_kib() -> int:
+    """KiB this process, its threads and its reaped children caused to be read from block devices
+    (``read_bytes`` of /proc/self/io; the kernel counts it where it counts pgpgin, but per process).
+    Unlike pgpgin it is blind to other users' I/O, so it tells whether *this* measurement missed
+    the page cache.  -1 when the kernel has no per-task I/O accounting."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return -1
+
+
 _WARM_BUF = bytearray(4 << 20)
 
 
@@ -238,6 +253,7 @@ class Timing:
     warm_pgpgin: int = 0  # KiB paged in while warming right before (what had been evicted)
     best_cpu: float = 0.0  # seconds of CPU time of the measuring thread, best repetition: on a shared,
     #                        busy machine this moves much less than wall time when others take the CPU
+    own_read: int = 0      # KiB this process (and reaped children) read from disk during the timed reps
 
 
 def best_of(fn, reps: int, warm=None, warmup: int = 1) -> Timing:
@@ -249,20 +265,21 @@ def best_of(fn, reps: int, warm=None, warmup: int = 1) -> Timing:
         warm_in += warm()
     for _ in range(warmup):
         fn()
-    times, cpu, paged = [], [], 0
+    times, cpu, paged, own = [], [], 0, 0
     for _ in range(reps):
         if warm is not None:
             warm_in += warm()
-        k0 = pgpgin_kib()
+        k0, o0 = pgpgin_kib(), own_disk_read_kib()
         c0 = time.thread_time()
         t0 = time.perf_counter()
         fn()
         t = time.perf_counter() - t0
         cpu.append(time.thread_time() - c0)
         paged += pgpgin_kib() - k0
+        own += own_disk_read_kib() - o0
         times.append(t)
     times.sort()
-    return Timing(times[0], times[len(times) // 2], reps, paged, warm_in or 0, min(cpu))
+    return Timing(times[0], times[len(times) // 2], reps, paged, warm_in or 0, min(cpu), own)
 
 
 # ---------------------------------------------------------------------------------- C baselines

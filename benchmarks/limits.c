@@ -8,8 +8,10 @@
  * Usage: limits [--cpu] REPS BATCH POSITIONS_FILE SHARD...
  *   POSITIONS_FILE: u64 n, then u32 shard[n], u64 offset[n], u32 len[n] (little-endian, packed).
  * Output, one line per mode:  MODE best_seconds median_seconds pgpgin_kib samples bytes
- * With --cpu a seventh field: best_cpu_seconds (CLOCK_THREAD_CPUTIME_ID, which moves less than wall
- * time when other processes take the CPU).  benchmarks/peers/run.py parses the six-field form.
+ * With --cpu two more fields: best_cpu_seconds (CLOCK_THREAD_CPUTIME_ID, which moves less than wall
+ * time when other processes take the CPU) and own_read_kib (what this process read from disk during
+ * the timed passes, from /proc/self/io; pgpgin is system-wide).  benchmarks/peers/run.py parses the
+ * six-field form.
  *
  * Modes (each copies every sample into an output buffer; the buffer is reused per batch, as a
  * batch's bytes objects are in Python):
@@ -56,6 +58,22 @@ static long pgpgin_kib(void) {
     while (fscanf(f, "%63s %ld", name, &v) == 2) {
         if (strcmp(name, "pgpgin") == 0) {
             out = v;
+            break;
+        }
+    }
+    fclose(f);
+    return out;
+}
+
+/* KiB this process caused to be read from block devices (read_bytes of /proc/self/io). */
+static long own_read_kib(void) {
+    FILE *f = fopen("/proc/self/io", "r");
+    if (!f) return -1;
+    char name[64];
+    long v, out = -1;
+    while (fscanf(f, "%63s %ld", name, &v) == 2) {
+        if (strcmp(name, "read_bytes:") == 0) {
+            out = v / 1024;
             break;
         }
     }
@@ -205,21 +223,22 @@ int main(int argc, char **argv) {
     if (!t || !c) die("malloc");
     for (int m = 0; m < nmodes; m++) {
         sink += pass((enum mode)m); /* warm-up: caches, TLB, malloc arenas */
-        long k = 0;
+        long k = 0, own = 0;
         for (int r = 0; r < reps; r++) {
-            long k0 = pgpgin_kib();
+            long k0 = pgpgin_kib(), o0 = own_read_kib();
             double c0 = cpu_now();
             double t0 = now();
             sink += pass((enum mode)m);
             t[r] = now() - t0;
             c[r] = cpu_now() - c0;
             k += pgpgin_kib() - k0;
+            own += own_read_kib() - o0;
         }
         qsort(t, (size_t)reps, sizeof *t, cmp_double);
         qsort(c, (size_t)reps, sizeof *c, cmp_double);
         printf("%s %.9f %.9f %ld %llu %llu", mode_name[m], t[0], t[reps / 2], k, (unsigned long long)n,
                (unsigned long long)bytes);
-        if (show_cpu) printf(" %.9f", c[0]);
+        if (show_cpu) printf(" %.9f %ld", c[0], own);
         printf("\n");
         fflush(stdout);
     }

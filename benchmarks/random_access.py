@@ -56,6 +56,7 @@ from common import (  # noqa: E402
     machine_info,
     markdown_table,
     pack_build_cmd,
+    own_disk_read_kib,
     pgpgin_kib,
     readdir_order,
     tree_files,
@@ -121,9 +122,9 @@ def measure_limits(exe, ds, ds_dir, samples, batch, reps, tmpdir):
     r = subprocess.run([exe, "--cpu", str(reps), str(batch), pos, *paths], check=True, stdout=subprocess.PIPE, text=True)
     out = {}
     for line in r.stdout.splitlines():
-        mode, best, med, paged, n, nbytes, cpu = line.split()
+        mode, best, med, paged, n, nbytes, cpu, own = line.split()
         out[mode] = Row(f"C {mode}", "limit", int(n), int(nbytes),
-                        Timing(float(best), float(med), reps, int(paged), warm_in, float(cpu)))
+                        Timing(float(best), float(med), reps, int(paged), warm_in, float(cpu), int(own)))
     return out
 
 
@@ -232,30 +233,31 @@ def measure_build(tree_root, all_tree_paths, cache, reps, n_files, workers=None)
             jobs.append(("pack build --compression none --workers 1",
                          pack_build_cmd(tree_root, pack_out, "none", 1), sorted_order))
     for label, cmd, order in jobs:
-        times, cpus, paged, warm_in = [], [], 0, 0
+        times, cpus, paged, warm_in, own = [], [], 0, 0, 0
         for rep in range(reps + 1):  # rep 0: untimed, pages in the program and its libraries
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             subprocess.run(["sync"], check=True)
             evicted = warm_files(order)[2]
-            k0 = pgpgin_kib()
+            k0, o0 = pgpgin_kib(), own_disk_read_kib()
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             t = time.perf_counter() - t0
             ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            k1 = pgpgin_kib()
+            k1, o1 = pgpgin_kib(), own_disk_read_kib()
             if r.returncode:
                 raise RuntimeError(f"{shlex.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}")
             if rep > 0:
                 times.append(t)
                 cpus.append(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
                 paged += k1 - k0
+                own += o1 - o0
                 warm_in += evicted
         times.sort()
         out_bytes = os.path.getsize(tar_out) if label.startswith("tar") else dir_bytes(pack_out)
         rows.append(Row(label, " ".join(shlex.quote(c) for c in cmd[:2]), n_files, out_bytes,
-                        Timing(times[0], times[len(times) // 2], reps, paged, warm_in, min(cpus))))
+                        Timing(times[0], times[len(times) // 2], reps, paged, warm_in, min(cpus), own)))
     shutil.rmtree(tmp, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     return rows
@@ -282,10 +284,11 @@ def report(args, info, spec, tree_bytes, sizes, ds_info, rows, limits, build_row
         read_table.append([r.name, f"{r.samples:,}", fmt_rate(r.rate), f"{r.mbps:,.0f}",
                            f"{r.t.median / r.t.best:.2f}", ratio(r.rate, mmap_lim), ratio(r.rate, loose),
                            fmt_rate(r.cpu_rate), ratio(r.cpu_rate, mmap_cpu), ratio(r.cpu_rate, loose_cpu),
-                           f"{r.t.warm_pgpgin:,}", f"{r.t.pgpgin:,}"])
+                           f"{r.t.warm_pgpgin:,}", f"{r.t.own_read:,}", f"{r.t.pgpgin:,}"])
     headers = ["measurement", "samples", "samples/s", "MB/s", "median/best", "x C mmap", "x loose",
                "samples/CPU-s", "x C mmap (CPU)", "x loose (CPU)",
-               "evicted KiB (read back by the warm-up)", "pgpgin KiB during timed reps"]
+               "evicted KiB (read back by the warm-ups)", "disk KiB read by this process, timed reps",
+               "pgpgin KiB (system), timed reps"]
     out = []
     cmd = "python benchmarks/random_access.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out.append(f"Command: `{cmd.strip()}`  ")
@@ -302,19 +305,21 @@ def report(args, info, spec, tree_bytes, sizes, ds_info, rows, limits, build_row
                f"batches of {args.batch}; the C limits read the same positions in the same order and batches. "
                f"Best of {args.reps} repetitions after one untimed warm-up pass; one thread.")
     out.append("")
-    out.append(markdown_table(headers, read_table, "l" + "r" * 11))
+    out.append(markdown_table(headers, read_table, "l" + "r" * 12))
     out.append("")
     if build_rows:
         tar = build_rows[0]
         bt = [[r.name, f"{r.samples:,}", f"{r.t.best:.2f}", fmt_rate(r.rate), ratio(r.rate, tar.rate),
-               f"{r.t.best_cpu:.2f}", f"{r.nbytes / 2**20:,.0f}", f"{r.t.warm_pgpgin:,}", f"{r.t.pgpgin:,}"]
+               f"{r.t.best_cpu:.2f}", f"{r.nbytes / 2**20:,.0f}", f"{r.t.warm_pgpgin:,}", f"{r.t.own_read:,}",
+               f"{r.t.pgpgin:,}"]
               for r in build_rows]
         out.append(f"Build (page cache warm before each run, output on the same disk, best of {args.build_reps}; "
                    f"`pack build` default workers = its own default on {info['nproc']} CPUs):")
         out.append("")
         out.append(markdown_table(["command", "files", "seconds (wall)", "files/s", "x tar cf",
-                                   "CPU seconds (all processes)", "output MiB", "evicted KiB (warm-up)",
-                                   "pgpgin KiB during timed runs"], bt, "lrrrrrrrr"))
+                                   "CPU seconds (all processes)", "output MiB", "evicted KiB (warm-ups)",
+                                   "disk KiB read by the command, timed runs", "pgpgin KiB (system), timed runs"],
+                                  bt, "lrrrrrrrrr"))
         out.append("")
     # targets
     gb = next(r for r in rows if r.name.startswith("get_batch(256) random") and "none" in r.name)
@@ -406,13 +411,13 @@ def main(argv=None):
         rows.append(row)
         log(f"  {row.name:<48} {fmt_rate(row.rate):>8} samples/s  {row.mbps:8,.0f} MB/s  "
             f"{fmt_rate(row.cpu_rate):>8} samples/CPU-s  "
-            f"pgpgin {row.t.pgpgin} KiB (evicted before warm: {row.t.warm_pgpgin} KiB)")
+            f"disk read {row.t.own_read} KiB, pgpgin {row.t.pgpgin} KiB (evicted before warm: {row.t.warm_pgpgin} KiB)")
 
     log(f"C limits at the same {len(samples):,} positions ...")
     limits = measure_limits(exe, ds, ds_dirs["none"], samples, args.batch, args.reps, tmpdir)
     for r in limits.values():
         log(f"  {r.name:<48} {fmt_rate(r.rate):>8} samples/s  {r.mbps:8,.0f} MB/s  "
-            f"{fmt_rate(r.cpu_rate):>8} samples/CPU-s  pgpgin {r.t.pgpgin} KiB")
+            f"{fmt_rate(r.cpu_rate):>8} samples/CPU-s  disk read {r.t.own_read} KiB, pgpgin {r.t.pgpgin} KiB")
 
     w_none = warm_dataset(ds_dirs["none"])
     log("packfmt, compression none ...")
@@ -446,7 +451,7 @@ def main(argv=None):
         log("build: tar cf vs pack build ...")
         build_rows = measure_build(tree_root, all_paths, args.cache, args.build_reps, spec.files, args.workers)
         for r in build_rows:
-            log(f"  {r.name:<48} {r.t.best:7.2f} s  {fmt_rate(r.rate):>8} files/s  pgpgin {r.t.pgpgin} KiB")
+            log(f"  {r.name:<48} {r.t.best:7.2f} s  {fmt_rate(r.rate):>8} files/s  disk read {r.t.own_read} KiB, pgpgin {r.t.pgpgin} KiB")
 
     load_end = os.getloadavg()
     text = report(args, info, spec, tree_bytes, sizes, ds_info, rows, limits, build_rows, load_end)
