@@ -387,7 +387,9 @@ cdef class ShardSet:
         return info_dict(&info)
 
     def read_one(self, int64_t row):
-        """Stored bytes of one row."""
+        """Stored bytes of one row (negative rows count from the end)."""
+        if row < 0:
+            row += <int64_t>self.cols.nrows
         if row < 0 or <uint64_t>row >= self.cols.nrows:
             raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
         cdef bytes out = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[row])

@@ -38,6 +38,7 @@ def _after_fork_in_child() -> None:
     # Shard handles (fds, maps, a mutex) are per process: the child opens its own on first use.
     for ds in list(_open_datasets):
         ds.__dict__.pop("_shardset", None)  # remote readers re-create their clients themselves
+        ds.__dict__.pop("_read_one", None)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -342,11 +343,15 @@ class Dataset:
         return i
 
     def __getitem__(self, i):
+        fast = self.__dict__.get("_read_one")  # raw local records: straight into the C core
+        if fast is not None and type(i) is int:
+            return fast(i)
         if isinstance(i, slice):
             return self.get_batch(np.arange(*i.indices(len(self))))
         row = self._row(i)
         if self._raw_only and not self._remote:
-            return self._shardset.read_one(row)
+            self.__dict__["_read_one"] = self._shardset.read_one
+            return self._read_one(row)
         return self.get_batch([row])[0]
 
     def get_batch(self, indices) -> list:
@@ -504,6 +509,7 @@ class Dataset:
 
     def close(self) -> None:
         self.__dict__.pop("_shardset", None)
+        self.__dict__.pop("_read_one", None)
         r = self.__dict__.pop("_remote_reader", None)
         if r is not None:
             r.close()
