@@ -20,6 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["tests/c/leak_driver.c", "src_c/format.c", "src_c/checksum.c", "src_c/reader.c", "src_c/writer.c"]
 
 
+def child_env() -> dict:
+    """Environment for a Python child whose memory is measured.  Under tools/sanitize_tests.sh (ASan
+    preloaded) ASan's quarantine would hold freed memory and look like a leak: turn it off."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    if "libasan" in env.get("LD_PRELOAD", ""):
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":quarantine_size_mb=0:thread_local_quarantine_size_kb=0"
+    return env
+
+
 def _build(tmp_path, name, flags):
     cc = shutil.which("gcc") or shutil.which("cc")
     assert cc, "a C compiler is needed"
@@ -35,9 +44,10 @@ def _build(tmp_path, name, flags):
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind not installed (apt-get install valgrind)")
 def test_c_core_valgrind_memcheck(tmp_path):
     exe, scratch = _build(tmp_path, "leak_driver", ["-O1"])
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # (tools/sanitize_tests.sh preloads ASan)
     r = subprocess.run(["valgrind", "-q", "--leak-check=full", "--show-leak-kinds=all", "--errors-for-leak-kinds=all",
                         "--track-fds=no", "--error-exitcode=99", exe, scratch],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, f"valgrind exit {r.returncode}\n{r.stdout}\n{r.stderr[-6000:]}"
     assert r.stdout.strip() == "ok"
     assert r.stderr == "", r.stderr[-6000:]
@@ -118,7 +128,7 @@ def test_python_open_read_fail_close_does_not_leak(tmp_path):
     script = tmp_path / "leaks.py"
     script.write_text(PY_SRC)
     r = subprocess.run([sys.executable, str(script), str(tmp_path), os.path.dirname(os.path.abspath(__file__))],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+                       capture_output=True, text=True, timeout=300, env=child_env())
     assert r.returncode == 0, r.stderr[-4000:]
     import json
 

@@ -240,8 +240,10 @@ print(json.dumps(figures))
 def test_rss_flat_across_epochs(dataset, tmp_path, mode):
     script = tmp_path / "rss.py"
     script.write_text(RSS_SRC)
+    from test_leaks import child_env
+
     r = subprocess.run([sys.executable, str(script), dataset, mode], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+                       env=child_env())
     assert r.returncode == 0, r.stderr[-3000:]
     rss = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"\nRSS per epoch ({mode}), MiB: {[round(x / 2**20, 1) for x in rss]}")
