@@ -386,21 +386,32 @@ cdef class ShardSet:
         pk_shard_get_info(s, &info)
         return info_dict(&info)
 
+    cdef int _check_row(self, int64_t row) except -1:
+        if row < 0 or <uint64_t>row >= self.cols.nrows:
+            raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
+        return 0
+
+    cdef int _read(self, const int64_t *rows, Py_ssize_t n, uint8_t **dst) except -1:
+        """Read rows[0..n) into dst[k] (each sized from the index) with the GIL released."""
+        cdef pk_error err
+        clear_error(&err)
+        cdef int rc
+        cdef size_t nreads = 0
+        with nogil:
+            rc = pk_read_batch(self.set, &self.cols, rows, n, dst, &self.opts, &nreads, &err)
+        self.last_reads = nreads
+        if rc != PK_OK:
+            check_status(rc, &err, self.paths, [rows[k] for k in range(n)])
+        return 0
+
     def read_one(self, int64_t row):
         """Stored bytes of one row (negative rows count from the end)."""
         if row < 0:
             row += <int64_t>self.cols.nrows
-        if row < 0 or <uint64_t>row >= self.cols.nrows:
-            raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
+        self._check_row(row)
         cdef bytes out = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[row])
         cdef uint8_t *dst = <uint8_t *>PyBytes_AS_STRING(out)
-        cdef pk_error err
-        clear_error(&err)
-        cdef size_t nreads
-        cdef int rc
-        with nogil:
-            rc = pk_read_batch(self.set, &self.cols, &row, 1, &dst, &self.opts, &nreads, &err)
-        check_status(rc, &err, self.paths, (row,))
+        self._read(&row, 1, &dst)
         return out
 
     def read_rows(self, const int64_t[::1] rows):
@@ -411,24 +422,13 @@ cdef class ShardSet:
         if dst is NULL:
             raise MemoryError()
         cdef bytes b
-        cdef int64_t row
-        cdef pk_error err
-        clear_error(&err)
-        cdef int rc
-        cdef size_t nreads = 0
         try:
             for k in range(n):
-                row = rows[k]
-                if row < 0 or <uint64_t>row >= self.cols.nrows:
-                    raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
-                b = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[row])
+                self._check_row(rows[k])
+                b = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[rows[k]])
                 out[k] = b
                 dst[k] = <uint8_t *>PyBytes_AS_STRING(b)
-            with nogil:
-                rc = pk_read_batch(self.set, &self.cols, &rows[0] if n else NULL, n, dst, &self.opts,
-                                   &nreads, &err)
-            self.last_reads = nreads
-            check_status(rc, &err, self.paths, rows)
+            self._read(&rows[0] if n else NULL, n, dst)
         finally:
             free(dst)
         return out
@@ -441,24 +441,13 @@ cdef class ShardSet:
         cdef uint8_t **dst = <uint8_t **>malloc(max(n, 1) * sizeof(uint8_t *))
         if dst is NULL:
             raise MemoryError()
-        cdef int64_t row
-        cdef pk_error err
-        clear_error(&err)
-        cdef int rc
-        cdef size_t nreads = 0
         try:
             for k in range(n):
-                row = rows[k]
-                if row < 0 or <uint64_t>row >= self.cols.nrows:
-                    raise IndexError(f"sample index {row} out of range for {self.cols.nrows} samples")
-                if starts[k] + self.cols.stored_len[row] > <uint64_t>buf.shape[0]:
+                self._check_row(rows[k])
+                if starts[k] + self.cols.stored_len[rows[k]] > <uint64_t>buf.shape[0]:
                     raise ValueError("buffer too small for the batch")
                 dst[k] = &buf[0] + starts[k] if buf.shape[0] else NULL
-            with nogil:
-                rc = pk_read_batch(self.set, &self.cols, &rows[0] if n else NULL, n, dst, &self.opts,
-                                   &nreads, &err)
-            self.last_reads = nreads
-            check_status(rc, &err, self.paths, rows)
+            self._read(&rows[0] if n else NULL, n, dst)
         finally:
             free(dst)
 
