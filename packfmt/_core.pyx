@@ -104,6 +104,23 @@ def hash_strings(const uint8_t[::1] data, const int64_t[::1] offsets, uint64_t[:
             out[i] = pk_xxh64(base + offsets[i], <size_t>(offsets[i + 1] - offsets[i]), 0)
 
 
+def check_zstd_sizes(const uint8_t[::1] buf, const uint64_t[::1] starts, const uint64_t[::1] lengths,
+                     const uint64_t[::1] raw_lens):
+    """Index of the first zstd frame (buf[starts[k]:starts[k]+lengths[k]]) whose header does not declare
+    exactly raw_lens[k] bytes, or -1.  Run before decompressing, so a forged raw length never becomes an
+    allocation."""
+    cdef Py_ssize_t k, n = starts.shape[0]
+    cdef uint64_t size
+    if lengths.shape[0] < n or raw_lens.shape[0] < n:
+        raise ValueError("one length and one raw length per frame")
+    for k in range(n):
+        if starts[k] > <uint64_t>buf.shape[0] or lengths[k] > <uint64_t>buf.shape[0] - starts[k]:
+            return k
+        if pk_zstd_content_size(&buf[0] + starts[k], lengths[k], &size) != PK_OK or size != raw_lens[k]:
+            return k
+    return -1
+
+
 cdef class ShardWriter:
     """Append records to a new shard file (src_c/writer.h).  Not thread-safe."""
     cdef pk_writer *w

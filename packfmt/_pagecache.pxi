@@ -285,6 +285,16 @@ cdef class PageCacheHandle:
             rc = pk_pc_clear(pc)
         _pc_check(rc, "clearing the page cache")
 
+    def drop(self, bytes ns, bytes obj, uint64_t block):
+        """Drop a cached block; True if it was there."""
+        cdef pk_pagecache *pc = self._get()
+        cdef pk_pc_key key
+        cdef int rc
+        pk_pc_key_make(&key, ns, len(ns), obj, len(obj), block)
+        with nogil:
+            rc = pk_pc_drop(pc, &key)
+        return _pc_check(rc, "page cache drop") == 1
+
     def locate(self, bytes ns, bytes obj, uint64_t block):
         """(offset in pagecache.data, length) of a cached block, or None."""
         cdef pk_pagecache *pc = self._get()

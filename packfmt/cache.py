@@ -261,6 +261,20 @@ class PageCache:
         """Drop every cached block (blocks being fetched right now stay) and free their space."""
         self._h().clear()
 
+    def invalidate(self, namespace: str, object_name: str, ranges: Sequence[Range]) -> int:
+        """Drop the cached blocks covering these ``(offset, length)`` ranges (bytes that failed a check
+        further up, e.g. a record checksum); returns how many were dropped.  Blocks being fetched are
+        left alone."""
+        h = self._h()
+        bs = int(h.block_size)
+        ns = namespace.encode("utf-8", "surrogatepass")
+        obj = object_name.encode("utf-8", "surrogatepass")
+        blocks = set()
+        for off, n in ranges:
+            off, n = int(off), int(n)
+            blocks.update(range(off // bs, (off + max(n, 1) - 1) // bs + 1))
+        return sum(bool(h.drop(ns, obj, b)) for b in sorted(blocks))
+
     def locate(self, namespace: str, object_name: str, block: int):
         """``(path of pagecache.data, offset, length)`` of a cached block, or None (for tools/tests)."""
         where = self._h().locate(namespace.encode("utf-8", "surrogatepass"),

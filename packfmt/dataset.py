@@ -423,10 +423,25 @@ class Dataset:
         c = self._cols
         shard = c["shard"][rows]
         stored = c["stored_len"][rows].astype(np.uint64)
-        pieces = self._reader.read(shard, c["offset"][rows], stored)
+        offsets = c["offset"][rows]
+        pieces = self._reader.read(shard, offsets, stored)
         if self._options["verify"]:
-            _core.verify_buffers(pieces, np.ascontiguousarray(c["checksum"][rows]), _ShardNames(self._paths, shard),
-                                 rows, c["offset"][rows])
+            checksums = np.ascontiguousarray(c["checksum"][rows])
+            names = _ShardNames(self._paths, shard)
+            try:
+                _core.verify_buffers(pieces, checksums, names, rows, offsets)
+            except CorruptShardError:
+                cache = self._reader.cache
+                if cache is None:
+                    raise
+                # The server may have sent bad bytes once (a flaky proxy) and the page cache kept them for
+                # every process on the node: drop the blocks of this batch and fetch them once more.
+                m = self._manifest
+                for s_id in np.unique(shard).tolist():
+                    sel = shard == s_id
+                    cache.invalidate(m.content_id, m.shards[s_id].name, zip(offsets[sel].tolist(), stored[sel].tolist()))
+                pieces = self._reader.read(shard, offsets, stored)
+                _core.verify_buffers(pieces, checksums, names, rows, offsets)
         if self._raw_only:
             return [bytes(p) for p in pieces]
         starts = np.zeros(len(rows), dtype=np.uint64)
@@ -453,6 +468,11 @@ class Dataset:
             segments[:, 0] = starts[ks]
             segments[:, 1] = stored[ks]
             sizes = raw[ks].astype(np.uint64)
+            bad = _core.check_zstd_sizes(np.frombuffer(buf, dtype=np.uint8), segments[:, 0].copy(),
+                                         segments[:, 1].copy(), sizes)
+            if bad >= 0:
+                raise self._decode_error(rows, ks[bad:bad + 1], "zstd frame header does not declare the raw length "
+                                         "the index records (refused before decompressing)")
             try:
                 frames = zstandard.BufferWithSegments(buf, segments.tobytes())
                 result = self._dctx(codec).multi_decompress_to_buffer(

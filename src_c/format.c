@@ -125,3 +125,25 @@ int pk_footer_decode(const uint8_t in[PK_FOOTER_SIZE], pk_footer *f, pk_error *e
         return pk_fail(err, PK_E_CORRUPT, 8, PK_MAX_RECORDS, f->record_count, "record count beyond the format limit");
     return PK_OK;
 }
+
+int pk_zstd_content_size(const uint8_t *p, size_t len, uint64_t *size) {
+    /* RFC 8878 section 3.1.1: magic, Frame_Header_Descriptor, [Window_Descriptor], [Dictionary_ID],
+     * [Frame_Content_Size].  Every byte is bounds-checked before it is read. */
+    static const uint8_t did_bytes[4] = {0, 1, 2, 4};
+    if (len < 5 || pk_load_le32(p) != 0xFD2FB528u) return PK_E_CORRUPT;
+    uint8_t fhd = p[4];
+    unsigned fcs_flag = fhd >> 6, single = (fhd >> 5) & 1u, did_flag = fhd & 3u;
+    if (fhd & 0x08) return PK_E_CORRUPT; /* reserved bit */
+    size_t pos = 5 + (single ? 0 : 1) + did_bytes[did_flag];
+    size_t n = fcs_flag == 0 ? (single ? 1 : 0) : (size_t)1 << fcs_flag;
+    if (n == 0) return PK_E_RANGE; /* no content size recorded */
+    if (pos > len || len - pos < n) return PK_E_CORRUPT;
+    const uint8_t *q = p + pos;
+    switch (n) {
+    case 1: *size = q[0]; break;
+    case 2: *size = (uint64_t)pk_load_le16(q) + 256; break;
+    case 4: *size = pk_load_le32(q); break;
+    default: *size = pk_load_le64(q); break;
+    }
+    return PK_OK;
+}

@@ -198,6 +198,11 @@ int pk_footer_decode(const uint8_t in[PK_FOOTER_SIZE], pk_footer *f, pk_error *e
 /* Check one entry against the shard's data region [PK_HEADER_SIZE, data_end). */
 int pk_entry_check(const pk_entry *e, uint64_t data_end, pk_error *err);
 
+/* The content size a zstd frame header declares (RFC 8878), read without decompressing: PK_OK,
+ * PK_E_RANGE if the frame does not record it, PK_E_CORRUPT if p is not a frame header.  Lets a reader
+ * refuse a frame whose declared size differs from the index before any allocation. */
+int pk_zstd_content_size(const uint8_t *p, size_t len, uint64_t *size);
+
 /* Fill *err (if not NULL) and return code. */
 int pk_fail(pk_error *err, int code, uint64_t offset, uint64_t expected, uint64_t actual,
             const char *msg);

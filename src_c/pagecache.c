@@ -950,3 +950,18 @@ int pk_pc_locate(pk_pagecache *pc, const pk_pc_key *key, uint64_t *offset, uint6
     gunlock(pc);
     return rc;
 }
+
+int pk_pc_drop(pk_pagecache *pc, const pk_pc_key *key)
+{
+    int64_t i;
+    int rc = glock(pc);
+    if (rc) return rc;
+    i = find(pc, key->h);
+    rc = 0;
+    if (i >= 0 && slot_at(pc, (uint64_t)i)->state == PC_READY) { /* in-flight blocks belong to their fetcher */
+        drop_ready(pc, (uint64_t)i, 1);
+        rc = 1;
+    }
+    gunlock(pc);
+    return rc;
+}

@@ -153,6 +153,11 @@ int pk_pc_clear(pk_pagecache *pc);
 
 /* Where a READY block's bytes are in pagecache.data (for tools and tests).  Returns PK_PC_READY
  * with *offset / *length set, or 0 if the block is not cached. */
+/* Drop a cached block (READY only; a block being fetched is left to its fetcher): 1 if dropped, 0 if
+ * absent, -errno on failure.  For a block whose bytes failed a check further up (a corrupt answer
+ * from the server that the cache faithfully stored). */
+int pk_pc_drop(pk_pagecache *pc, const pk_pc_key *key);
+
 int pk_pc_locate(pk_pagecache *pc, const pk_pc_key *key, uint64_t *offset, uint64_t *length);
 
 /* For tests only: take the index lock and return holding it (a child then dies holding it). */

@@ -48,3 +48,4 @@ cdef extern from "format.h" nogil:
         char msg[160]
 
     const char *pk_strerror(int code)
+    int pk_zstd_content_size(const uint8_t *p, size_t len, uint64_t *size)

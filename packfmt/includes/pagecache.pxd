@@ -78,4 +78,5 @@ cdef extern from "pagecache.h" nogil:
     int pk_pc_stats(pk_pagecache *pc, pk_pc_counters *st)
     int pk_pc_entries(pk_pagecache *pc, pk_pc_entry *out, size_t cap, size_t *n)
     int pk_pc_clear(pk_pagecache *pc)
+    int pk_pc_drop(pk_pagecache *pc, const pk_pc_key *key)
     int pk_pc_locate(pk_pagecache *pc, const pk_pc_key *key, uint64_t *offset, uint64_t *length)
