@@ -198,21 +198,56 @@ def measure_sequential(ds, reps, warm, label, batch):
     return Row(label, "packfmt", n, int(ds.raw_lengths.sum()), t)
 
 
-def measure_loose(paths, reps, all_tree_paths, label):
-    def warm():
-        return warm_files(all_tree_paths)[2]
+def measure_loose(paths, reps, label, chunk=20_000):
+    """open/read/close each path.  The pass is timed in chunks, each warmed right before it is read,
+    so no file sits idle long enough to be evicted between its warm-up and its read."""
+    chunks = [paths[i: i + chunk] for i in range(0, len(paths), chunk)]
+    nbytes = 0
 
-    nbytes = [0]
-
-    def run():
+    def read_all(ps):
         total = 0
-        for p in paths:
+        for p in ps:
             with open(p, "rb") as f:
                 total += len(f.read())
-        nbytes[0] = total
+        return total
 
-    t = best_of(run, reps, warm=warm)
-    return Row(label, "loose files", len(paths), nbytes[0], t)
+    warm_in = 0
+    for c in chunks:  # untimed warm-up pass
+        warm_in += warm_files(c)[2]
+        nbytes = read_all(c)
+    times, cpus, paged, own = [], [], 0, 0
+    for _ in range(reps):
+        t = cpu = 0.0
+        for c in chunks:
+            warm_in += warm_files(c)[2]
+            k0, o0, c0, t0 = pgpgin_kib(), own_disk_read_kib(), time.thread_time(), time.perf_counter()
+            read_all(c)
+            t += time.perf_counter() - t0
+            cpu += time.thread_time() - c0
+            paged += pgpgin_kib() - k0
+            own += own_disk_read_kib() - o0
+        times.append(t)
+        cpus.append(cpu)
+    times.sort()
+    nbytes = sum(os.path.getsize(p) for p in paths)
+    return Row(label, "loose files", len(paths), nbytes,
+               Timing(times[0], times[len(times) // 2], reps, paged, warm_in, min(cpus), own))
+
+
+def copy_tree_to_tmpfs(tree_root: str, shm_root: str = "/dev/shm") -> str | None:
+    """A copy of the tree in tmpfs (memory that the kernel cannot evict: there is no swap), so that
+    neither builder reads the disk; None when there is no room."""
+    try:
+        st = os.statvfs(shm_root)
+    except OSError:
+        return None
+    need = dir_bytes(tree_root) * 1.2
+    if st.f_bavail * st.f_frsize < need + (2 << 30):
+        return None
+    dst = os.path.join(shm_root, "packfmt-bench-tree")
+    shutil.rmtree(dst, ignore_errors=True)
+    subprocess.run(["cp", "-a", tree_root, dst], check=True)
+    return dst
 
 
 def measure_build(tree_root, all_tree_paths, cache, reps, n_files, workers=None):
@@ -313,8 +348,11 @@ def report(args, info, spec, tree_bytes, sizes, ds_info, rows, limits, build_row
                f"{r.t.best_cpu:.2f}", f"{r.nbytes / 2**20:,.0f}", f"{r.t.warm_pgpgin:,}", f"{r.t.own_read:,}",
                f"{r.t.pgpgin:,}"]
               for r in build_rows]
-        out.append(f"Build (page cache warm before each run, output on the same disk, best of {args.build_reps}; "
-                   f"`pack build` default workers = its own default on {info['nproc']} CPUs):")
+        where = ("a tmpfs copy of the tree (`/dev/shm`: memory the kernel cannot evict, no swap)"
+                 if args.build_src.startswith("/dev/shm") else f"the tree on disk, warmed right before each run")
+        out.append(f"Build: source {where}; output to `{args.cache}` on the disk (removed and synced before each run); "
+                   f"one untimed run first, then best of {args.build_reps}. `pack build` without `--workers` uses "
+                   f"its default (one worker per CPU, {info['nproc']} here):")
         out.append("")
         out.append(markdown_table(["command", "files", "seconds (wall)", "files/s", "x tar cf",
                                    "CPU seconds (all processes)", "output MiB", "evicted KiB (warm-ups)",
@@ -361,6 +399,8 @@ def main(argv=None):
                     help="random samples for the slow ds[i]-on-zstd pass (default 50,000)")
     ap.add_argument("--codecs", default="none,zstd", help="compressions to pack and read (default none,zstd)")
     ap.add_argument("--skip-build", action="store_true", help="skip the pack build vs tar cf measurement")
+    ap.add_argument("--build-on-disk", action="store_true",
+                    help="build from the tree on disk instead of a tmpfs copy (the VM evicts idle pages)")
     ap.add_argument("--workers", type=int, default=None, help="pack build --workers (default: its own default)")
     ap.add_argument("--out", nargs="?", const=os.path.join(REPO, "docs", "benchmarks.md"), default=None,
                     help="append/update this benchmark's section in a markdown file (default docs/benchmarks.md)")
@@ -444,12 +484,23 @@ def main(argv=None):
         add(measure_getitem(dss[c], sub, args.reps, w, f"ds[i] random, {c}"))
         add(measure_sequential(dss[c], args.reps, w, f"sequential iter_batches({args.batch}), {c}", args.batch))
     log("loose files ...")
-    add(measure_loose(loose_paths, args.reps, all_paths, "loose files open/read/close, same samples"))
+    add(measure_loose(loose_paths, args.reps, "loose files open/read/close, same samples"))
 
     build_rows = []
+    args.build_src = tree_root
     if not args.skip_build:
-        log("build: tar cf vs pack build ...")
-        build_rows = measure_build(tree_root, all_paths, args.cache, args.build_reps, spec.files, args.workers)
+        src, shm = tree_root, None
+        if not args.build_on_disk:
+            shm = copy_tree_to_tmpfs(tree_root)
+            if shm:
+                src = args.build_src = shm
+        log(f"build: tar cf vs pack build, source {src} ...")
+        try:
+            build_rows = measure_build(src, tree_files(src, spec), args.cache, args.build_reps, spec.files,
+                                       args.workers)
+        finally:
+            if shm:
+                shutil.rmtree(shm, ignore_errors=True)
         for r in build_rows:
             log(f"  {r.name:<48} {r.t.best:7.2f} s  {fmt_rate(r.rate):>8} files/s  disk read {r.t.own_read} KiB, pgpgin {r.t.pgpgin} KiB")
 
