@@ -180,17 +180,18 @@ def measure_shuffle(n: int, shard_of: np.ndarray, offsets: np.ndarray, world: in
 
 
 def measure_merge(path: str) -> dict:
+    """The driver side of a merge / datasink commit: concatenate two part indexes (renumbering shards),
+    and check that the keys of a 10 M-row index are unique (the common case: no duplicate)."""
     from packfmt.merge import check_duplicates, concat_indexes
     ds = packfmt.open(path)
     t = time.perf_counter()
     full = concat_indexes([ds.index, ds.index], [0, len(ds.shards)])
     t1 = time.perf_counter()
-    try:
-        check_duplicates(full, "error", "bench")
-    except ValueError:
-        pass  # every key twice, by construction: the full cost of finding them
+    del full
     t2 = time.perf_counter()
-    return {"rows": full.num_rows, "concat_s": t1 - t, "dup_check_s": t2 - t1}
+    check_duplicates(ds.index, "error", "bench")
+    t3 = time.perf_counter()
+    return {"rows": 2 * len(ds), "concat_s": t1 - t, "dup_rows": len(ds), "dup_check_s": t3 - t2}
 
 
 def measure_build(tmp: str, files: int, size: int) -> dict:
@@ -261,8 +262,9 @@ def main() -> None:
         del ds
         res["merge"] = measure_merge(os.path.join(tmp, f"ds-{a.n}"))
         m = res["merge"]
-        print(f"merge commit of {m['rows']:,} rows: concat {m['concat_s']:.2f} s, duplicate check "
-              f"{m['dup_check_s']:.2f} s ({(m['concat_s'] + m['dup_check_s']) / m['rows'] * 1e9:.0f} ns/row)", flush=True)
+        print(f"merge commit: concat of {m['rows']:,} rows {m['concat_s']:.2f} s ({m['concat_s'] / m['rows'] * 1e9:.0f} "
+              f"ns/row); duplicate check of {m['dup_rows']:,} unique keys {m['dup_check_s']:.2f} s "
+              f"({m['dup_check_s'] / m['dup_rows'] * 1e9:.0f} ns/row)", flush=True)
         shutil.rmtree(os.path.join(tmp, f"ds-{a.n // 10}"), ignore_errors=True)
         res["build"] = measure_build(tmp, a.build_files, a.build_size)
         b = res["build"]
