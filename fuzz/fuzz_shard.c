@@ -9,7 +9,9 @@
  *   2. the input written to a memfd, then pk_shard_open() in pread mode and in mmap mode, and, when it
  *      opens, every record read back (pk_shard_entry, pk_shard_read, pk_shard_verify_records,
  *      pk_shard_hash_range);
- *   3. pk_read_batch() over a shard set holding that file, with the rows the shard's own index gives
+ *   3. pk_zstd_content_size() (the zstd frame-header parser that refuses decompression bombs) on the
+ *      input at every offset of its first bytes and on every record of a shard that opens;
+ *   4. pk_read_batch() over a shard set holding that file, with the rows the shard's own index gives
  *      plus hostile rows derived from the input (offsets/lengths shifted, past the end, overflowing,
  *      pointing into the index or the footer, naming shards that do not exist), in both modes and
  *      with small coalescing limits so runs are built and split.
@@ -98,6 +100,20 @@ static int write_memfd(const uint8_t *data, size_t size) {
     return fd;
 }
 
+/* The frame-header parser on p[0..len): must never read past len, and a size it reports must come
+ * from bytes it was allowed to read. */
+static void frame_header(const uint8_t *p, size_t len) {
+    /* A heap copy of exactly len bytes, so ASan sees any read past the end. */
+    uint8_t *copy = malloc(len ? len : 1);
+    if (!copy) abort();
+    if (len) memcpy(copy, p, len);
+    uint64_t size = 0;
+    int rc = pk_zstd_content_size(copy, len, &size);
+    ASSERT(rc == PK_OK || rc == PK_E_CORRUPT || rc == PK_E_RANGE);
+    if (rc == PK_OK) ASSERT(len >= 6);
+    free(copy);
+}
+
 /* Every record of an opened shard, read through each single-record entry point. */
 static void read_records(pk_shard *s) {
     pk_shard_info info;
@@ -117,6 +133,7 @@ static void read_records(pk_shard *s) {
         rc = pk_shard_read(s, en.offset, en.stored_len, buf, &e);
         check_rc(rc, &e);
         ASSERT(rc == PK_OK);
+        frame_header(buf, en.stored_len);
         free(buf);
     }
     pk_entry en;
@@ -336,6 +353,10 @@ static void repair(uint8_t *buf, size_t size, int records_too) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size > MAX_INPUT) size = MAX_INPUT;
+    /* The frame-header parser straight on the input, at its first offsets and all lengths near 18
+     * (the longest header), so the fuzzer can also grow zstd headers of its own. */
+    for (size_t off = 0; off < 8 && off <= size; off++)
+        for (size_t len = 0; len <= 20 && off + len <= size; len++) frame_header(data + off, len);
     one_input(data, size);
     uint8_t *copy = malloc(size ? size : 1);
     if (!copy) abort();

@@ -23,6 +23,12 @@ from packfmt.writer import serialize_index
 
 HEADER, ENTRY, FOOTER = _core.HEADER_SIZE, _core.ENTRY_SIZE, _core.FOOTER_SIZE
 
+#: Running under tools/sanitize_tests.sh (ASan preloaded)?  ASan reserves terabytes of address space for
+#: its shadow memory, so tests that bound a child with RLIMIT_AS cannot run there.
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+NEEDS_RLIMIT_AS = __import__("pytest").mark.skipif(
+    UNDER_ASAN, reason="bounds a child with RLIMIT_AS, which ASan's shadow memory cannot live with")
+
 
 def payload(i: int) -> bytes:
     """Deterministic sample bytes of assorted sizes (0 bytes included), distinct per sample."""

@@ -301,6 +301,7 @@ def test_manifest_is_not_a_regular_file(ds_copy):
         packfmt.open(d)
 
 
+@h.NEEDS_RLIMIT_AS
 def test_manifest_symlink_to_endless_file_is_bounded(ds_copy):
     """manifest.json -> /dev/zero must be refused after at most the manifest size cap, not read forever."""
     d, _ = ds_copy
@@ -560,6 +561,7 @@ print("growth_kib", after - before)
     assert ds.get_batch(raw_rows) == [payloads[i] for i in raw_rows]
 
 
+@h.NEEDS_RLIMIT_AS
 def test_decompression_bomb_refused_before_allocating_under_memory_limit(tmp_path):
     """Found by fuzz_open.py: forged 2 GiB raw lengths, in a child whose address space has 1 GiB of room
     left (a container's limit, a loader with many workers), must be refused as corrupt before anything that
@@ -674,6 +676,7 @@ def _serve(root, mode, elsewhere=""):
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
+@h.NEEDS_RLIMIT_AS
 def test_http_endless_manifest_is_bounded(pristine, tmp_path):
     """A server that answers manifest.json with a huge chunked body (no Content-Length): refused once the
     256 MiB cap is passed, without holding the whole body (the child's peak RSS stays under 450 MiB)."""

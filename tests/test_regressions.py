@@ -22,6 +22,8 @@ import sys
 
 import pytest
 
+from _hostile import UNDER_ASAN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGRESS = os.path.join(ROOT, "tests", "data", "regress")
 C_SOURCES = ["fuzz/fuzz_shard.c", "src_c/format.c", "src_c/checksum.c", "src_c/reader.c"]
@@ -45,7 +47,9 @@ def _params(sub: str, pattern: str):
     out = []
     for path in sorted(glob.glob(os.path.join(REGRESS, sub, pattern))):
         name = os.path.basename(path.rstrip("/"))
-        marks = [pytest.mark.xfail(strict=True, reason=known[name])] if name in known else []
+        # Under ASan (tools/sanitize_tests.sh) the replays run without their memory limit, so a known bug
+        # that needs one to show may pass: not strict there.
+        marks = [pytest.mark.xfail(strict=not UNDER_ASAN, reason=known[name])] if name in known else []
         out.append(pytest.param(path, id=name, marks=marks))
     return out
 
@@ -101,7 +105,7 @@ def _child(code: str, timeout: int = 120):
 @pytest.mark.parametrize("path", _params("open", "*.bin"))
 def test_open_regression(path):
     code = ("import resource\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))\n"
+            + ("" if UNDER_ASAN else "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY))\n") +
             "import sys; sys.argv = ['fuzz_open', '--replay']\n"
             "sys.path.insert(0, 'fuzz')\n"
             "import fuzz_open\n"
