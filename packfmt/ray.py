@@ -402,8 +402,8 @@ def read_pack(url, *, override_num_blocks: int | None = None, ray_remote_args: d
 
     >>> # import packfmt.ray; packfmt.ray.read_pack("s3://bucket/images.pack").map_batches(decode)
     """
-    return ray.data.read_datasource(PackDatasource(url, **options), override_num_blocks=override_num_blocks,
-                                    ray_remote_args=ray_remote_args or {})
+    extra = {"ray_remote_args": ray_remote_args} if ray_remote_args else {}
+    return ray.data.read_datasource(PackDatasource(url, **options), override_num_blocks=override_num_blocks, **extra)
 
 
 __all__ = ["PackDatasink", "PackDatasource", "write_pack", "read_pack", "run_build_tasks", "ensure_ray",
