@@ -9,9 +9,9 @@ random delay drawn over the length of a full build, and then:
   * re-running the same build into the same destination succeeds -- without ``--overwrite`` when the
     killed build never published a manifest -- and gives the complete dataset.
 
-Also ``pack build`` into S3 (moto on 127.0.0.1), ``PACKFMT_CRASH_S3_TRIALS`` (default 6).
+Also ``pack build`` into S3 (moto on 127.0.0.1), ``PACKFMT_CRASH_S3_TRIALS`` (default 4).
 
-Trials: ``PACKFMT_CRASH_TRIALS`` (default 18, ``pack build``) + ``PACKFMT_CRASH_WRITER_TRIALS`` (default 12); the seed is printed
+Trials: ``PACKFMT_CRASH_TRIALS`` (default 16, ``pack build``) + ``PACKFMT_CRASH_WRITER_TRIALS`` (default 10); the seed is printed
 so a failure can be replayed with ``PACKFMT_CRASH_SEED``).
 """
 
@@ -30,8 +30,8 @@ import pytest
 import packfmt
 from packfmt.build import build_dataset
 
-TRIALS = int(os.environ.get("PACKFMT_CRASH_TRIALS", "18"))
-WRITER_TRIALS = int(os.environ.get("PACKFMT_CRASH_WRITER_TRIALS", "12"))
+TRIALS = int(os.environ.get("PACKFMT_CRASH_TRIALS", "16"))
+WRITER_TRIALS = int(os.environ.get("PACKFMT_CRASH_WRITER_TRIALS", "10"))
 SEED = int(os.environ.get("PACKFMT_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,7 +221,7 @@ def test_writer_exception_publishes_nothing(tmp_path):
     assert packfmt.open(dst)[0] == b"1"
 
 
-S3_TRIALS = int(os.environ.get("PACKFMT_CRASH_S3_TRIALS", "6"))
+S3_TRIALS = int(os.environ.get("PACKFMT_CRASH_S3_TRIALS", "4"))
 
 
 def test_kill_pack_build_to_s3(tree, moto_server, s3_bucket):
