@@ -170,6 +170,9 @@ class Dataset:
         for name, typ in _INDEX_TYPES.items():
             if name not in schema.names or schema.field(name).type != typ:
                 raise ManifestError(f"{ipath}: index column {name!r} missing or not {typ}")
+        if table.column("key").num_chunks > 1:  # e.g. more than 2 GiB of keys: one 64-bit-offset array
+            i = schema.get_field_index("key")
+            table = table.set_column(i, "key", table.column("key").cast(pa.large_string()).combine_chunks())
         table = table.combine_chunks()
         for name in ("key",) + tuple(_INDEX_TYPES):
             if table.column(name).null_count:

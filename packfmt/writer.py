@@ -311,7 +311,7 @@ def _fsync_dir(path: str) -> None:
 def index_table(keys, shard, offset, stored_len, raw_len, checksum, flags, columns: dict) -> pa.Table:
     """The global index as an Arrow table: packfmt's columns, then the user's."""
     arrays = {
-        "key": pa.array(keys, type=pa.string()) if not isinstance(keys, pa.Array) else keys,
+        "key": _key_array(keys),
         "shard": pa.array(np.asarray(shard, dtype=np.uint32)),
         "offset": pa.array(np.asarray(offset, dtype=np.uint64)),
         "stored_len": pa.array(np.asarray(stored_len, dtype=np.uint32)),
@@ -324,6 +324,15 @@ def index_table(keys, shard, offset, stored_len, raw_len, checksum, flags, colum
             raise ValueError(f"user column {name!r} clashes with a packfmt index column")
         arrays[name] = values if isinstance(values, pa.Array) else pa.array(values)
     return pa.table(arrays)
+
+
+def _key_array(keys) -> pa.Array:
+    """Keys as one Arrow array: ``string`` (32-bit offsets), or ``large_string`` once they add up to 2 GiB
+    or more (pyarrow would otherwise split them into several chunks)."""
+    arr = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(keys, type=pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.cast(pa.large_string()).combine_chunks() if arr.num_chunks > 1 else arr.chunk(0)
+    return arr
 
 
 def serialize_index(table: pa.Table) -> bytes:

@@ -243,3 +243,28 @@ def test_bench(tmp_path):
     assert out[0].split() == ["read", "samples/s", "MB/s"]
     assert out[1].startswith("get_batch(4)") and out[2].startswith("ds[i]")
     assert float(out[1].split()[1].replace(",", "")) > 0
+
+
+def test_index_in_several_record_batches_reads_every_key(tmp_path):
+    """An index whose key column comes in several pieces (as pyarrow splits > 2 GiB of keys) is read as one
+    column: every key is visible to keys, key() and index_of()."""
+    import pyarrow as pa
+
+    from packfmt import _core
+    from packfmt import manifest as mf
+    with packfmt.Writer(tmp_path / "ds", shard_size="1KiB") as w:
+        for i in range(50):
+            w.add(f"key-{i:03d}", b"x" * i)
+    table = packfmt.open(tmp_path / "ds").index
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as wr:
+        for batch in table.to_batches(max_chunksize=7):
+            wr.write_batch(batch)
+    data = sink.getvalue().to_pybytes()
+    (tmp_path / "ds" / "index.arrow").write_bytes(data)
+    man = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    man["index"].update(size=len(data), checksum=mf.hex64(_core.xxh64(data)))
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(man))
+    ds = packfmt.open(tmp_path / "ds")
+    assert ds.keys.to_pylist() == [f"key-{i:03d}" for i in range(50)]
+    assert ds.index_of("key-049") == 49 and ds.key(49) == "key-049" and ds[49] == b"x" * 49
