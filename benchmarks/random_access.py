@@ -66,7 +66,6 @@ from common import (  # noqa: E402
 
 sys.path.insert(0, REPO)
 import packfmt  # noqa: E402
-from packfmt import _core  # noqa: E402
 
 SECTION = "random_access"
 TITLE = "Random access (issue 2): `benchmarks/random_access.py`"
@@ -417,7 +416,7 @@ def main(argv=None):
     spec = TreeSpec(files=files, seed=args.seed)
     os.makedirs(args.cache, exist_ok=True)
     tree_root = ensure_tree(args.cache, spec, log=log)
-    all_paths = tree_files(tree_root, spec)
+
     ds_dirs = {c: ensure_dataset(args.cache, spec, tree_root, c, log=log) for c in codecs}
     tmpdir = tempfile.mkdtemp(prefix="packfmt-bench-")
     flags = ["-O2"]
