@@ -179,13 +179,12 @@ cdef class ShardWriter:
         return e.offset, e.stored_len, e.checksum
 
     def append_files(self, list paths, Py_ssize_t start, uint64_t[::1] offsets, uint32_t[::1] lengths,
-                     uint64_t[::1] checksums, uint64_t max_size=0):
-        """Append files paths[start:] stored raw, writing each entry at the same position of the output
-        arrays.  Stops before a file that would take the shard past max_size (0: no limit) and returns
-        the position reached.  A file that cannot be read raises PackOSError with .filename set and
-        .position its index in paths."""
+                     uint64_t[::1] checksums, Py_ssize_t end=-1):
+        """Append files paths[start:end] (end -1: to the last) stored raw, writing each entry at the same
+        position of the output arrays; returns end.  A file that cannot be read raises PackOSError with
+        .filename set and .position its index in paths."""
         self._check_open()
-        cdef Py_ssize_t i, n = len(paths)
+        cdef Py_ssize_t i, n = len(paths) if end < 0 else min(end, len(paths))
         cdef pk_entry e
         cdef pk_error err
         cdef int rc

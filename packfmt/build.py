@@ -180,7 +180,7 @@ def build_shard(task: dict) -> dict:
             while pos < n:
                 end = min(pos + 256, n)
                 try:
-                    w.append_files(encoded[:end], pos, offsets, stored, checksums)
+                    w.append_files(encoded, pos, offsets, stored, checksums, end)
                     _tick(end - pos, int(raw[pos:end].sum()))
                     pos = end
                 except (OSError, ValueError) as e:

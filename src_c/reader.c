@@ -387,7 +387,8 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
     size_t reads = 0;
     if (nreads) *nreads = 0;
     if (n == 0) return PK_OK;
-    req *reqs = malloc(n * sizeof *reqs);
+    req stack_reqs[64];
+    req *reqs = n <= 64 ? stack_reqs : malloc(n * sizeof *reqs);
     if (!reqs) return pk_fail(err, PK_E_NOMEM, 0, 0, n, "allocating a batch");
     int rc = PK_OK;
     for (size_t k = 0; k < n; k++) {
@@ -402,7 +403,8 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
         reqs[k].len = cols->stored_len[row];
         reqs[k].pos = k;
     }
-    if (n > 1) qsort(reqs, n, sizeof *reqs, req_cmp);
+    /* Sorting pays for coalescing preads; an mmap read is a memcpy wherever the record lies. */
+    if (n > 1 && !set->use_mmap) qsort(reqs, n, sizeof *reqs, req_cmp);
 
     uint8_t *scratch = NULL;
     size_t scratch_cap = 0;
@@ -484,7 +486,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
     }
     free(scratch);
 out:
-    free(reqs);
+    if (reqs != stack_reqs) free(reqs);
     if (nreads) *nreads = reads;
     return rc;
 }
