@@ -11,7 +11,9 @@
 #
 # The interpreter is not instrumented, so libasan must be loaded first (LD_PRELOAD); leak detection is
 # off (CPython keeps memory until exit by design); any UBSan report aborts the test process.  Test
-# helpers that start their own sanitized or valgrind binaries drop LD_PRELOAD for them.
+# helpers that start their own sanitized or valgrind binaries drop LD_PRELOAD for them.  Tests that bound
+# a child with RLIMIT_AS skip themselves (ASan's shadow memory needs terabytes of address space).
+# SANITIZE_TIMEOUT (default 2400 s) bounds the pytest run.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 IN_PLACE=0
@@ -41,4 +43,6 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 LD_PRELOAD=$LIBASAN python -c "import packfmt, packfmt._core as c; assert c.__file__.startswith('$WORK'), c.__file__" \
     || { echo "sanitize_tests: the sanitized packfmt does not import"; exit 2; }
-LD_PRELOAD=$LIBASAN python -m pytest -p no:cacheprovider "$@"
+# A hard time limit: a tool that hangs under the preloaded ASan runtime (procps' `uptime` does) must fail
+# the run, not stall CI.
+LD_PRELOAD=$LIBASAN timeout "${SANITIZE_TIMEOUT:-2400}" python -m pytest -p no:cacheprovider "$@"
