@@ -13,6 +13,8 @@ same run:
                          batches of the global order, no DataLoader;
 * ``packfmt <mode>``  -- ``DataLoader(PackDataset, batch_sampler=PackBatchSampler(mode),
                          num_workers=W)``;
+* ``packfmt ... packed``-- the same with ``PackDataset(packed=True)``: each batch is one
+                         shared-memory uint8 tensor + offsets (no pickling of the bytes);
 * ``packfmt iterable``-- ``DataLoader(PackIterableDataset, batch_size=B, num_workers=W)``;
 * ``... num_workers=0``-- ``DataLoader(PackIterableDataset(batched=True), batch_size=None)``:
                          no worker processes, the prefetch thread reads ahead while the
@@ -43,7 +45,7 @@ import packfmt
 from packfmt.shuffle import EpochOrder
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import describe_machine, log, machine_info, markdown_table, pgpgin_kib, update_markdown_section  # noqa: E402
-from packfmt.torch import PackBatchSampler, PackDataset, PackIterableDataset
+from packfmt.torch import PackBatchSampler, PackDataset, PackedBatch, PackIterableDataset, collate_packed
 
 CLASSES = 100
 
@@ -122,7 +124,12 @@ def loader_epoch(loader):
     """One epoch through ``loader``: (samples, bytes, seconds)."""
     t = time.perf_counter()
     count = nbytes = 0
-    for samples, labels in loader:
+    for batch in loader:
+        if isinstance(batch, PackedBatch):  # one uint8 tensor + offsets per batch
+            count += len(batch)
+            nbytes += batch.data.numel()
+            continue
+        samples, labels = batch
         count += len(samples)
         nbytes += sum(map(len, samples))
     return count, nbytes, time.perf_counter() - t
@@ -186,6 +193,12 @@ def main():
         return LoaderEpochs(DataLoader(ds, batch_sampler=sampler, num_workers=W, persistent_workers=persistent),
                             sampler)
 
+    def pack_map_packed(persistent):
+        ds = PackDataset(pack, label="label", packed=True)
+        sampler = PackBatchSampler(ds, B, seed=0, mode="global")
+        return LoaderEpochs(DataLoader(ds, batch_sampler=sampler, num_workers=W, persistent_workers=persistent,
+                                       collate_fn=collate_packed), sampler)
+
     def pack_iterable(persistent):
         ds = PackIterableDataset(pack, batch_size=B, seed=0, label="label")
         return LoaderEpochs(DataLoader(ds, batch_size=B, num_workers=W, persistent_workers=persistent), ds)
@@ -202,6 +215,7 @@ def main():
     runs = {
         raw_name: lambda p: RawEpochs(pack, B),
         "packfmt global": lambda p: pack_map("global", p),
+        "packfmt global, packed batches (shared memory)": pack_map_packed,
         "packfmt feistel": lambda p: pack_map("feistel", p),
         "packfmt block 64x16": lambda p: pack_map("block", p, block_size=64, window=16),
         "packfmt none": lambda p: pack_map("none", p),

@@ -229,8 +229,18 @@ class PackedBatch:
     def pin_memory(self):
         return PackedBatch(self.data.pin_memory(), self.offsets, self.labels, self.indices)
 
+    def __reduce__(self):
+        # Only the payload travels as a shared-memory tensor (one file descriptor per batch); the small
+        # arrays go inline in the pickle: each extra shared tensor would cost its own fd hand-over.
+        small = [None if t is None else t.numpy() for t in (self.offsets, self.labels, self.indices)]
+        return (_rebuild_packed, (self.data, *small))
+
     def __repr__(self):
         return f"PackedBatch({len(self)} samples, {self.data.numel()} bytes)"
+
+
+def _rebuild_packed(data, offsets, labels, indices):
+    return PackedBatch(data, *(None if a is None else torch.from_numpy(a) for a in (offsets, labels, indices)))
 
 
 def collate_packed(batch):
