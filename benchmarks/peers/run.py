@@ -636,7 +636,8 @@ def main(argv=None):
         return finish(args, argv, prep, saved["builds"], saved["reads"], saved["limits"], names, saved["machine"],
                       saved.get("load_end", saved["machine"]["load"]), saved.get("cmdline", "?"), saved["uptime"])
     info = machine_info()
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    with open("/proc/loadavg") as f:  # not uptime(1): procps hangs under an LD_PRELOADed ASan runtime
+        uptime = "load average: " + ", ".join(f.read().split()[:3])
     log(f"{describe_machine(info)}\n{uptime}")
     prep = prepare(args)
     log(f"tree: {prep['root']} ({len(prep['rels']):,} files); building ...")
