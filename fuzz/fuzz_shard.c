@@ -17,7 +17,7 @@
  *      with small coalescing limits so runs are built and split.
  *
  * The oracle is the sanitizers (ASan + UBSan abort on any out-of-bounds access, leak or UB) plus
- * the contract itself: a batch read that succeeds must return, for every row, bytes whose XXH64
+ * the contract itself: a batch read that succeeds must return, for every row, bytes whose XXH3-64
  * equals the checksum the row carried -- wrong bytes are never handed back.
  *
  * Build (fuzz/ci.sh does this):
@@ -216,7 +216,7 @@ static void read_batches(const char *path, uint64_t file_size, const uint8_t *da
         /* A huge length must not make the harness allocate it: the reader refuses it before
          * touching dst (out of the data region), so cap the destination it gets. */
         stored[nrows] = len;
-        sum[nrows] = (r & 1) ? pk_xxh64(data, size < 7 ? size : 7, 0) : mix(&st);
+        sum[nrows] = (r & 1) ? pk_xxh3_64(data, size < 7 ? size : 7) : mix(&st);
     }
     /* Destination buffers: rows longer than the whole input cannot be in the data region, so the
      * reader must refuse them before writing; they get a guard-sized buffer that ASan polices. */
@@ -246,7 +246,7 @@ static void read_batches(const char *path, uint64_t file_size, const uint8_t *da
         check_rc(rc, &e);
         if (rc == PK_OK) {
             for (size_t k = 0; k < nrec; k++)
-                ASSERT(pk_xxh64(hdst[k], stored[honest[k]], 0) == sum[honest[k]]);
+                ASSERT(pk_xxh3_64(hdst[k], stored[honest[k]]) == sum[honest[k]]);
         } else {
             ASSERT(rc == PK_E_CHECKSUM || rc == PK_E_IO);
         }
@@ -260,14 +260,14 @@ static void read_batches(const char *path, uint64_t file_size, const uint8_t *da
         clear_err(&e);
         rc = pk_read_batch(set, &cols, &row, 1, &d, &opts, NULL, &e);
         check_rc(rc, &e);
-        if (rc == PK_OK) ASSERT(pk_xxh64(d, stored[k], 0) == sum[k]);
+        if (rc == PK_OK) ASSERT(pk_xxh3_64(d, stored[k]) == sum[k]);
         free(d);
     }
     clear_err(&e);
     rc = pk_read_batch(set, &cols, rows, n, dst, &opts, NULL, &e);
     check_rc(rc, &e);
     if (rc == PK_OK)
-        for (size_t k = 0; k < n; k++) ASSERT(pk_xxh64(dst[k], stored[rows[k]], 0) == sum[rows[k]]);
+        for (size_t k = 0; k < n; k++) ASSERT(pk_xxh3_64(dst[k], stored[rows[k]]) == sum[rows[k]]);
     /* Rows outside the index are refused. */
     int64_t outside[2] = {-1, (int64_t)nrows};
     clear_err(&e);
@@ -320,10 +320,11 @@ static void one_input(const uint8_t *data, size_t size) {
 }
 
 /*
- * Random mutations almost never keep three XXH64 checksums right, so on their own they would only
- * ever exercise the checksum checks.  The harness therefore also runs a "repaired" copy of every
- * input: magics restored and the header, index and footer checksums recomputed (and, in a second
- * copy, every record checksum too), so the structural checks behind the checksums get fuzzed.
+ * Random mutations almost never keep the three XXH64 checksums (header, index, footer) right, so on
+ * their own they would only ever exercise the checksum checks.  The harness therefore also runs a
+ * "repaired" copy of every input: magics restored and the header, index and footer checksums
+ * recomputed (and, in a second
+ * copy, every record's XXH3-64 too), so the structural checks behind the checksums get fuzzed.
  */
 static void repair(uint8_t *buf, size_t size, int records_too) {
     if (size >= PK_HEADER_SIZE) {
@@ -343,7 +344,7 @@ static void repair(uint8_t *buf, size_t size, int records_too) {
                 uint8_t *en = index + i * PK_ENTRY_SIZE;
                 uint64_t off = pk_load_le64(en);
                 uint32_t len = pk_load_le32(en + 8);
-                if (off <= size && size - off >= len) pk_store_le64(en + 16, pk_xxh64(buf + off, len, 0));
+                if (off <= size && size - off >= len) pk_store_le64(en + 16, pk_xxh3_64(buf + off, len));
             }
         }
         pk_store_le64(foot + 16, pk_xxh64(index, (size_t)(count * PK_ENTRY_SIZE), 0));

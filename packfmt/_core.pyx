@@ -12,7 +12,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from packfmt.includes.checksum cimport pk_xxh64
+from packfmt.includes.checksum cimport PK_XXH3_AVX2, PK_XXH3_SCALAR, pk_xxh3_64, pk_xxh3_impl, pk_xxh64
 from packfmt.includes.format cimport *
 from packfmt.includes.reader cimport *
 from packfmt.includes.writer cimport *
@@ -81,13 +81,57 @@ cdef int check_status(int rc, pk_error *err, object where, object samples=None) 
     raise PackError(f"{at}: {pk_strerror(rc).decode()}")
 
 
-def xxh64(data, uint64_t seed=0):
-    """XXH64 of a bytes-like object, computed by the C core."""
-    cdef const uint8_t[::1] view = memoryview(data).cast("B")
+# Inputs at least this long are hashed with the GIL released; shorter ones take less time to hash than
+# releasing and re-taking the GIL would.
+cdef enum:
+    HASH_NOGIL_MIN = 65536
+
+
+cdef uint64_t _hash_buffer(object data, bint xxh3, uint64_t seed) except? 0:
+    """XXH3-64 (xxh3) or XXH64 (seed) of a C-contiguous bytes-like object, without a memoryview."""
+    cdef Py_buffer buf
     cdef uint64_t h
-    with nogil:
-        h = pk_xxh64(&view[0] if view.shape[0] else NULL, view.shape[0], seed)
+    cdef const void *p
+    cdef size_t n
+    if PyBytes_CheckExact(data):  # the common case: no buffer export at all
+        p = PyBytes_AS_STRING(data)
+        n = <size_t>PyBytes_GET_SIZE(data)
+        return pk_xxh3_64(p, n) if xxh3 else pk_xxh64(p, n, seed)
+    PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS)
+    try:
+        p = buf.buf if buf.len else NULL  # (NULL, 0) for empty input, as the C functions expect
+        n = <size_t>buf.len
+        if n < HASH_NOGIL_MIN:
+            h = pk_xxh3_64(p, n) if xxh3 else pk_xxh64(p, n, seed)
+        else:
+            with nogil:
+                h = pk_xxh3_64(p, n) if xxh3 else pk_xxh64(p, n, seed)
+    finally:
+        PyBuffer_Release(&buf)
     return h
+
+
+def xxh64(data, uint64_t seed=0):
+    """XXH64 of a bytes-like object, computed by the C core: the whole-file, header, footer and index
+    checksums of the format (docs/format.md, "Checksums")."""
+    return _hash_buffer(data, False, seed)
+
+
+def xxh3_64(data):
+    """XXH3-64 (seed 0, default secret) of a bytes-like object, computed by the C core: the per-record
+    checksum of the format (docs/format.md, "Checksums")."""
+    return _hash_buffer(data, True, 0)
+
+
+_XXH3_IMPLS = {"scalar": PK_XXH3_SCALAR, "avx2": PK_XXH3_AVX2}
+
+
+def xxh3_impl(want=None):
+    """The XXH3 code path in use, "scalar" or "avx2".  want="scalar" forces the portable code, want="avx2"
+    selects AVX2 when the CPU has it.  For tests and benchmarks (PACKFMT_NO_SIMD=1 in the environment
+    does the same as want="scalar" at load)."""
+    cdef int w = -1 if want is None else _XXH3_IMPLS[want]
+    return "avx2" if pk_xxh3_impl(w) == PK_XXH3_AVX2 else "scalar"
 
 
 def hash_strings(const uint8_t[::1] data, const int64_t[::1] offsets, uint64_t[::1] out):

@@ -68,7 +68,7 @@ class _RemoteShard:
         self.info["dict_id"] = int.from_bytes(head[16:20], "little")
 
     def hash_range(self, a, b):
-        return _core.xxh64(memoryview(self.data)[a:b])
+        return _core.xxh64(memoryview(self.data)[a:b])  # whole-file checksum: XXH64
 
     def entries(self):
         off = self.info["index_offset"]
@@ -79,7 +79,7 @@ class _RemoteShard:
         bad = []
         for k, e in enumerate(entries):
             o = int(e["offset"])
-            if _core.xxh64(view[o:o + int(e["stored_len"])]) != int(e["checksum"]):
+            if _core.xxh3_64(view[o:o + int(e["stored_len"])]) != int(e["checksum"]):  # record: XXH3-64
                 bad.append(k)
         return bad[:max_report], len(bad)
 

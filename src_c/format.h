@@ -89,7 +89,7 @@ typedef struct pk_header {
  *   0  8  offset      absolute file offset of the record's stored bytes
  *   8  4  stored_len  bytes on disk
  *  12  4  raw_len     bytes after decoding (== stored_len for PK_CODEC_NONE)
- *  16  8  checksum    XXH64 (seed 0) of the stored bytes
+ *  16  8  checksum    XXH3-64 (seed 0, default secret) of the stored bytes
  *  24  4  flags       bits 0-3 codec; other bits zero
  *  28  4  reserved    zero
  */

@@ -272,7 +272,7 @@ int pk_shard_verify_records(const pk_shard *s, uint64_t start, uint64_t end, uin
             if (rc) break;
             p = buf;
         }
-        if (pk_xxh64(p, e.stored_len, 0) != e.checksum) {
+        if (pk_xxh3_64(p, e.stored_len) != e.checksum) {
             if (*nbad < bad_cap) bad[*nbad] = i;
             (*nbad)++;
         }
@@ -373,7 +373,7 @@ static int req_cmp(const void *a, const void *b) {
 }
 
 static int check_sum(const uint8_t *p, uint32_t len, uint64_t want, const req *r, pk_error *err) {
-    uint64_t got = pk_xxh64(p, len, 0);
+    uint64_t got = pk_xxh3_64(p, len);
     if (got == want) return PK_OK;
     if (err) {
         err->shard = r->shard;
@@ -494,7 +494,7 @@ out:
 int pk_verify_buffers(size_t n, const uint8_t *const *bufs, const uint32_t *lens, const uint64_t *checksums,
                       pk_error *err) {
     for (size_t k = 0; k < n; k++) {
-        uint64_t got = pk_xxh64(bufs[k], lens[k], 0);
+        uint64_t got = pk_xxh3_64(bufs[k], lens[k]);
         if (got != checksums[k]) {
             if (err) err->item = (int64_t)k;
             return pk_fail(err, PK_E_CHECKSUM, 0, checksums[k], got, "record checksum");

@@ -91,7 +91,7 @@ typedef struct pk_read_opts {
 int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *rows, size_t n,
                   uint8_t *const *dst, const pk_read_opts *opts, size_t *nreads, pk_error *err);
 
-/* Check stored bytes fetched elsewhere (remote reads): XXH64 of buf[k] against checksums[k]. On a
+/* Check stored bytes fetched elsewhere (remote reads): XXH3-64 of buf[k] against checksums[k]. On a
  * mismatch err->item is k. */
 int pk_verify_buffers(size_t n, const uint8_t *const *bufs, const uint32_t *lens, const uint64_t *checksums,
                       pk_error *err);

@@ -158,7 +158,7 @@ int pk_writer_append(pk_writer *w, const void *data, uint32_t stored_len, uint32
     if (codec == PK_CODEC_NONE && stored_len != raw_len)
         return pk_fail(err, PK_E_RANGE, 0, stored_len, raw_len, "raw length must equal stored length");
     uint64_t offset = pk_writer_size(w);
-    uint64_t checksum = pk_xxh64(data, stored_len, 0);
+    uint64_t checksum = pk_xxh3_64(data, stored_len); /* data may be NULL when stored_len is 0 */
     rc = emit(w, (const uint8_t *)data, stored_len, err);
     if (rc) return rc;
     return add_entry(w, offset, stored_len, raw_len, checksum, codec, entry, err);
@@ -230,7 +230,7 @@ int pk_writer_append_file(pk_writer *w, const char *path, pk_entry *entry, pk_er
         goto out;
     }
     uint64_t offset = pk_writer_size(w);
-    uint64_t checksum = pk_xxh64(dst, len, 0);
+    uint64_t checksum = pk_xxh3_64(dst, len);
     if (dst == w->buf + w->buf_len) {
         w->buf_len += len;
     } else {

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["tests/c/test_core.c", "src_c/format.c", "src_c/checksum.c", "src_c/reader.c", "src_c/writer.c"]
 WARN = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Isrc_c"]
-CASES = ["checksum", "structs", "write_and_open", "flags_and_dict", "writer_errors", "empty_shard", "batches",
+CASES = ["checksum", "xxh3", "structs", "write_and_open", "flags_and_dict", "writer_errors", "empty_shard", "batches",
          "corruption", "verify_buffers", "refused_open_leaves_nothing"]
 
 

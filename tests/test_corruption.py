@@ -500,7 +500,7 @@ def test_shardset_refuses_rows_outside_the_data_region(tmp_path):
     ss = _core.ShardSet([path], np.array([size], dtype=np.uint64), np.zeros(n, dtype=np.uint32),
                         np.array([r[0] for r in rows], dtype=np.uint64),
                         np.array([min(r[1], 2**32 - 1) for r in rows], dtype=np.uint32),
-                        np.array([_core.xxh64(b"abcdef"), _core.xxh64(b"ghijkl")] + [0] * (n - 2), dtype=np.uint64),
+                        np.array([_core.xxh3_64(b"abcdef"), _core.xxh3_64(b"ghijkl")] + [0] * (n - 2), dtype=np.uint64),
                         use_mmap=False)
     assert ss.read_rows(np.array([1, 0], dtype=np.int64)) == [b"ghijkl", b"abcdef"]
     for k in range(2, n):

@@ -210,7 +210,7 @@ def ref_decode(data: bytes, reader_version: int = 1) -> dict:
     if h["flags"] != f["flags"]:
         raise RefError("flags differ")
     records = [data[e["offset"]:e["offset"] + e["stored_len"]] for e in entries]
-    bad = [i for i, (e, r) in enumerate(zip(entries, records)) if xxhash.xxh64_intdigest(r) != e["checksum"]]
+    bad = [i for i, (e, r) in enumerate(zip(entries, records)) if xxhash.xxh3_64_intdigest(r) != e["checksum"]]
     return {"header": h, "footer": f, "entries": entries, "records": records, "bad": bad}
 
 

@@ -55,18 +55,18 @@ RAW_SHARD0_HEADER = bytes.fromhex(
 RAW_SHARD0_FOOTER = bytes.fromhex(
     "4c 02 00 00 00 00 00 00"  # index_offset 588 = 32 + 300 + 0 + 256
     "03 00 00 00 00 00 00 00"  # record_count 3
-    "89 db ce a5 06 8e 26 60"  # index_checksum
+    "f7 37 31 51 11 1c 50 2e"  # index_checksum: XXH64 of the 3 entries
     "01 00" "01 00"  # read_version, write_version
     "00 00 00 00"  # flags
-    "d9 44 c1 76 c4 5b 4a d1"  # XXH64 of footer bytes 0..31
+    "38 49 9e a6 a1 64 3e 1e"  # XXH64 of footer bytes 0..31
     "89 50 41 43 4b 0d 0a 1a"  # magic
 )
 RAW_SHARD1_FOOTER = bytes.fromhex(
     "b0 01 00 00 00 00 00 00"  # index_offset 432 = 32 + 100 + 300
     "02 00 00 00 00 00 00 00"  # record_count 2
-    "46 d2 20 9c 4b 27 83 a8"
+    "b4 2f 90 fd d9 78 f8 1f"
     "01 00" "01 00" "00 00 00 00"
-    "ee 4a 56 eb ae d7 d1 32"
+    "4b ab cb a4 f8 37 44 a9"
     "89 50 41 43 4b 0d 0a 1a"
 )
 # The zstd dataset's first header: flags = SHARD_HAS_ZSTD.
@@ -133,7 +133,7 @@ def test_read_golden(name, use_mmap):
     assert ds.index.column("split").to_pylist() == [c["split"] for _, _, c in samples]
     shards = [_core.Shard(golden(f"{name}/{s}")) for s in ds.shards]
     stored = [shards[ds.shard_of[i]].read(int(ds.offsets[i]), int(ds.stored_lengths[i])) for i in range(n)]
-    assert ds.checksums.tolist() == [xxhash.xxh64_intdigest(b) for b in stored]
+    assert ds.checksums.tolist() == [xxhash.xxh3_64_intdigest(b) for b in stored]  # records: XXH3-64
     m = ds.manifest
     assert m["created"] == make_golden.FIXED_CREATED
     assert m["format_version"] == 1 and m["min_reader_version"] == 1
@@ -150,10 +150,12 @@ def test_golden_raw_bytes_spelled_out():
     assert s0[32:588] == SAMPLES[0][1] + SAMPLES[1][1] + SAMPLES[2][1]
     assert s1[32:432] == SAMPLES[3][1] + SAMPLES[4][1]
     # Index entries: offset, stored_len, raw_len, checksum, flags, reserved.
+    # The record checksum is XXH3-64 (0x2D06800538D394C2 is XXH3-64 of 0 bytes); the index is under XXH64.
     entries = [struct.unpack_from("<QIIQII", s0, 588 + 32 * i) for i in range(3)]
-    assert entries == [(32, 300, 300, xxhash.xxh64_intdigest(SAMPLES[0][1]), 0, 0),
-                       (332, 0, 0, 0xEF46DB3751D8E999, 0, 0),
-                       (332, 256, 256, xxhash.xxh64_intdigest(SAMPLES[2][1]), 0, 0)]
+    assert entries == [(32, 300, 300, xxhash.xxh3_64_intdigest(SAMPLES[0][1]), 0, 0),
+                       (332, 0, 0, 0x2D06800538D394C2, 0, 0),
+                       (332, 256, 256, xxhash.xxh3_64_intdigest(SAMPLES[2][1]), 0, 0)]
+    assert struct.unpack_from("<Q", s0, len(s0) - 48 + 16)[0] == xxhash.xxh64_intdigest(s0[588:588 + 3 * 32])
     assert open(golden("zstd/shard-00000.pack"), "rb").read()[:32] == ZSTD_SHARD0_HEADER
     assert open(golden("zstd-dict/shard-00000.pack"), "rb").read()[:32] == DICT_SHARD0_HEADER
 
@@ -245,8 +247,8 @@ def test_golden_manifest():
         "compression": {"codec": "none", "level": None, "dictionary": None},
         "index": {"name": "index.arrow", "rows": 5, "columns": ["label", "score", "split"]},
         "shards": [
-            {"name": "shard-00000.pack", "size": 732, "records": 3, "checksum": "2b4d83a66eb8af4d", "data_bytes": 556},
-            {"name": "shard-00001.pack", "size": 544, "records": 2, "checksum": "645842eab05029f2", "data_bytes": 400},
+            {"name": "shard-00000.pack", "size": 732, "records": 3, "checksum": "a25afb880e4a1863", "data_bytes": 556},
+            {"name": "shard-00001.pack", "size": 544, "records": 2, "checksum": "11cd27ed88647e54", "data_bytes": 400},
         ],
         "stats": {"raw_bytes": 956, "stored_bytes": 956},
     }

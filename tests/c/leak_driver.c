@@ -163,7 +163,7 @@ static void reader_paths(const uint64_t *offs, const uint32_t *lens, const uint6
             uint8_t *buf = malloc(lens[i] ? lens[i] : 1);
             clear(&e);
             CHECK(pk_shard_read(s, en.offset, en.stored_len, buf, &e) == PK_OK);
-            CHECK(pk_xxh64(buf, lens[i], 0) == sums[i]);
+            CHECK(pk_xxh3_64(buf, lens[i]) == sums[i]);
             free(buf);
         }
         clear(&e);
@@ -248,7 +248,7 @@ static void batch_paths(const uint64_t *offs, const uint32_t *lens, const uint64
         size_t nreads;
         clear(&e);
         CHECK(pk_read_batch(set, &cols, rows, 2 * NREC, dst, &opts, &nreads, &e) == PK_OK);
-        for (int k = 0; k < 2 * NREC; k++) CHECK(pk_xxh64(dst[k], stored[rows[k]], 0) == sum[rows[k]]);
+        for (int k = 0; k < 2 * NREC; k++) CHECK(pk_xxh3_64(dst[k], stored[rows[k]]) == sum[rows[k]]);
         /* Failing batches: a missing shard, a checksum mismatch mid-run, a row outside the data,
          * a row outside the index. */
         int64_t fail_rows[4][3] = {{0, NREC + 1, 2}, {1, 2 * NREC + 3, 2 * NREC + 4}, {3, ROWS - 1, 4}, {0, ROWS, 1}};
@@ -272,7 +272,7 @@ static void batch_paths(const uint64_t *offs, const uint32_t *lens, const uint64
     /* Buffers checked in memory. */
     const uint8_t *bufs[2] = {(const uint8_t *)"abc", (const uint8_t *)"def"};
     uint32_t blens[2] = {3, 3};
-    uint64_t bsums[2] = {pk_xxh64("abc", 3, 0), 0};
+    uint64_t bsums[2] = {pk_xxh3_64("abc", 3), 0};
     clear(&e);
     CHECK(pk_verify_buffers(1, bufs, blens, bsums, &e) == PK_OK);
     clear(&e);

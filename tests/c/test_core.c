@@ -131,7 +131,7 @@ static pk_writer_summary write_shard(const char *name, uint32_t flags, uint32_t 
         CHECK(entries[i].stored_len == lens[i]);
         CHECK(entries[i].raw_len == raw);
         CHECK(entries[i].flags == codec);
-        CHECK(entries[i].checksum == pk_xxh64(records[i], lens[i], 0));
+        CHECK(entries[i].checksum == pk_xxh3_64(records[i], lens[i]));
         CHECK(pk_writer_count(w) == (uint64_t)i + 1);
     }
     pk_writer_summary s;
@@ -157,6 +157,45 @@ static void test_checksum(void) {
     /* Unaligned input gives the same answer. */
     CHECK(pk_xxh64(buf + 1, 100, 0) == pk_xxh64(memcpy(buf + 150, buf + 1, 100), 100, 0));
     printf("ok checksum\n");
+}
+
+/* XXH3-64 (seed 0): one length in and at the edge of each of the spec's paths, values from the `xxhash`
+ * package (xxh3_64_intdigest) over bytes (i * 7 + 3) & 255; both the scalar and the AVX2 code. */
+static void test_xxh3(void) {
+    static const struct { size_t len; uint64_t want; } vec[] = {
+        {0, 0x2D06800538D394C2ULL}, {1, 0x13E608BC156DEFEDULL}, {3, 0xA9088DDA485B481CULL},
+        {4, 0x6D9253B16C8B1ED3ULL}, {8, 0x60539DB630471163ULL}, {9, 0xFEFF668361D723A8ULL},
+        {16, 0xB8C859B0F030B585ULL}, {17, 0x714A04408E79B80FULL}, {128, 0x67425A03650261BFULL},
+        {129, 0xC664BF3311C6ABC4ULL}, {240, 0x64556DC6B462A6CFULL}, {241, 0x8BEADD3A8874FE17ULL},
+        {1024, 0x9B81661C641C72B1ULL}, {1025, 0x806C2072ED713576ULL}, {1088, 0x2F8781E01841F0DAULL},
+        {4100, 0x6C403D9BB4B0DAF5ULL},
+    };
+    enum { N = 4100 };
+    uint8_t *buf = malloc(N + 1), *odd = malloc(N + 1);
+    CHECK(buf && odd);
+    for (size_t i = 0; i < N; i++) buf[i] = (uint8_t)(i * 7 + 3);
+    memcpy(odd + 1, buf, N); /* the same bytes at an odd address */
+    int best = pk_xxh3_impl(PK_XXH3_AVX2);
+    for (int impl = PK_XXH3_SCALAR; impl <= best; impl++) {
+        CHECK(pk_xxh3_impl(impl) == impl);
+        CHECK(pk_xxh3_64(NULL, 0) == 0x2D06800538D394C2ULL);
+        CHECK(pk_xxh3_64("a", 1) == 0xE6C632B61E964E1FULL && pk_xxh3_64("abc", 3) == 0x78AF5F94892F3950ULL);
+        for (size_t k = 0; k < sizeof vec / sizeof vec[0]; k++) {
+            CHECK(pk_xxh3_64(buf, vec[k].len) == vec[k].want);
+            CHECK(pk_xxh3_64(odd + 1, vec[k].len) == vec[k].want);
+        }
+    }
+    /* Scalar and AVX2 agree on every length across a few blocks. */
+    for (size_t n = 0; n <= N; n += (n < 300 ? 1 : 37)) {
+        pk_xxh3_impl(PK_XXH3_SCALAR);
+        uint64_t a = pk_xxh3_64(odd + 1, n);
+        pk_xxh3_impl(PK_XXH3_AVX2);
+        CHECK(pk_xxh3_64(odd + 1, n) == a);
+    }
+    free(buf);
+    free(odd);
+    pk_xxh3_impl(best);
+    printf("ok xxh3\n");
 }
 
 static void test_structs(void) {
@@ -299,7 +338,7 @@ static void test_writer_errors(void) {
     EXPECT_RC(PK_OK, pk_shard_open(path_of("w.pack"), s.file_size, 1, &sh, &err));
     size_t alen;
     uint8_t *a = slurp(path_of("a.pack"), &alen);
-    CHECK(e.stored_len == alen && e.checksum == pk_xxh64(a, alen, 0));
+    CHECK(e.stored_len == alen && e.checksum == pk_xxh3_64(a, alen));
     uint8_t *buf = malloc(alen);
     EXPECT_RC(PK_OK, pk_shard_read(sh, e.offset, e.stored_len, buf, &err));
     CHECK(memcmp(buf, a, alen) == 0);
@@ -328,7 +367,7 @@ static void test_empty_shard(void) {
     EXPECT_RC(PK_OK, pk_writer_open(path_of("e0.pack"), 0, 0, &w, &err));
     pk_entry e;
     EXPECT_RC(PK_OK, pk_writer_append(w, NULL, 0, 0, PK_CODEC_NONE, &e, &err));
-    CHECK(e.offset == PK_HEADER_SIZE && e.stored_len == 0 && e.checksum == 0xEF46DB3751D8E999ULL);
+    CHECK(e.offset == PK_HEADER_SIZE && e.stored_len == 0 && e.checksum == 0x2D06800538D394C2ULL); /* XXH3-64 of 0 bytes */
     pk_writer_summary s0;
     EXPECT_RC(PK_OK, pk_writer_close(w, &s0, &err));
     CHECK(s0.file_size == PK_HEADER_SIZE + PK_ENTRY_SIZE + PK_FOOTER_SIZE && s0.record_count == 1);
@@ -674,7 +713,7 @@ static void test_verify_buffers(void) {
     const uint8_t *bufs[3] = {records[0], records[4], records[5]};
     uint32_t blens[3] = {lens[0], lens[4], lens[5]};
     uint64_t sums[3];
-    for (int k = 0; k < 3; k++) sums[k] = pk_xxh64(bufs[k], blens[k], 0);
+    for (int k = 0; k < 3; k++) sums[k] = pk_xxh3_64(bufs[k], blens[k]);
     reset_err();
     EXPECT_RC(PK_OK, pk_verify_buffers(3, bufs, blens, sums, &err));
     sums[2] ^= 1;
@@ -702,6 +741,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     make_records();
     test_checksum();
+    test_xxh3();
     test_structs();
     test_write_and_open();
     test_flags_and_dict();
