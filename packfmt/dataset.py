@@ -286,7 +286,7 @@ class Dataset:
     offsets = property(lambda self: self._cols["offset"], doc="Byte offset of every sample in its shard.")
     stored_lengths = property(lambda self: self._cols["stored_len"], doc="Stored (on-disk) length of every sample.")
     raw_lengths = property(lambda self: self._cols["raw_len"], doc="Decoded length of every sample.")
-    checksums = property(lambda self: self._cols["checksum"], doc="XXH64 of every sample's stored bytes.")
+    checksums = property(lambda self: self._cols["checksum"], doc="XXH3-64 of every sample's stored bytes.")
     codecs = property(lambda self: self._cols["flags"], doc="Codec of every sample (0 none, 1 zstd, 2 zstd+dict).")
 
     def column(self, name: str) -> np.ndarray:
