@@ -1,7 +1,7 @@
 /*
  * limits.c -- the machine's limit for reading samples at given (shard, offset, length) positions.
  *
- * benchmarks/random_access.py compiles this with gcc -O2 (linking src_c/checksum.c for XXH64) and
+ * benchmarks/random_access.py compiles this with gcc -O2 (linking src_c/checksum.c for XXH3-64) and
  * runs it on the SAME random positions, in the same order and batch size, that it asks packfmt
  * for, so the ratio "packfmt / limit" compares like with like.  One thread; page cache warm.
  *
@@ -16,10 +16,11 @@
  * Modes (each copies every sample into an output buffer; the buffer is reused per batch, as a
  * batch's bytes objects are in Python):
  *   mmap_memcpy        memcpy from a MAP_POPULATE'd mmap of each shard: the floor for any reader
- *   mmap_memcpy_xxh64  the same plus XXH64 of each sample (what a verifying reader must add)
+ *   mmap_memcpy_xxh3   the same plus the record checksum packfmt verifies (pk_xxh3_64 from src_c/, the
+ *                      reader's own code): what a verifying reader must add
  *   mmap_malloc_memcpy malloc one buffer per sample, memcpy, free them after the batch (object cost)
  *   pread              one pread(2) per sample into the buffer
- *   mmap_memcpy_xxh3   (only with -DPK_BENCH_XXH3) memcpy plus XXH3-64 of each sample
+ *   mmap_memcpy_xxh3_lib (only with -DPK_BENCH_XXH3) the same with libxxhash's XXH3-64, for comparison
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -98,8 +99,8 @@ static uint8_t *out;
 static volatile uint64_t sink;
 
 enum mode { MMAP_MEMCPY, MMAP_MEMCPY_XXH64, MMAP_MALLOC_MEMCPY, PREAD, MMAP_MEMCPY_XXH3, NMODES };
-static const char *mode_name[NMODES] = {"mmap_memcpy", "mmap_memcpy_xxh64", "mmap_malloc_memcpy", "pread",
-                                        "mmap_memcpy_xxh3"};
+static const char *mode_name[NMODES] = {"mmap_memcpy", "mmap_memcpy_xxh3", "mmap_malloc_memcpy", "pread",
+                                        "mmap_memcpy_xxh3_lib"};
 #ifdef PK_BENCH_XXH3
 static const int nmodes = NMODES;
 #else
@@ -124,7 +125,7 @@ static uint64_t pass(enum mode m) {
                 break;
             case MMAP_MEMCPY_XXH64:
                 memcpy(dst, src, l);
-                acc += pk_xxh64(dst, l, 0);
+                acc += pk_xxh3_64(dst, l);
                 break;
             case MMAP_MALLOC_MEMCPY:
                 dst = bufs[i - a] = malloc(l ? l : 1);

@@ -550,7 +550,7 @@ def report(args, prep, rows, lim, names, info, load_end, cmdline, charts_rel, bu
         f"{lim['seqread_GBps']:.2f} GB/s; at the same random byte ranges (benchmarks/limits.c, one thread): "
         f"C pread {fmt_rate(lim['random']['pread']['samples_per_s'])} samples/s, "
         f"C mmap+memcpy {fmt_rate(lim['random']['mmap_memcpy']['samples_per_s'])} samples/s, "
-        f"C mmap+memcpy+XXH64 {fmt_rate(lim['random']['mmap_memcpy_xxh64']['samples_per_s'])} samples/s; "
+        f"C mmap+memcpy+XXH3 {fmt_rate(lim['random']['mmap_memcpy_xxh3']['samples_per_s'])} samples/s; "
         f"all samples in order with mmap+memcpy {lim['sequential']['mmap_memcpy']['MBps']:,.0f} MB/s; "
         f"reading every source file once (Python open/read, warm) "
         f"{fmt_rate(lim['read_sources_files_per_s'])} files/s.",
