@@ -150,6 +150,36 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class ObjectWriter:
+    """What every store's streaming writer shares: ``close()`` commits, ``abort()`` drops; as a context
+    manager it commits when the block succeeds and aborts when it raises; one collected while still
+    open is aborted (no half-written object, no orphan multipart upload)."""
+
+    closed = True
+
+    def close(self) -> None:  # pragma: no cover - every writer defines it
+        raise NotImplementedError
+
+    def abort(self) -> None:  # pragma: no cover - every writer defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self):
+        if not getattr(self, "closed", True):
+            try:
+                self.abort()
+            except Exception:
+                pass
+
+
 class Store:
     """Base class; see the module docstring and ``docs/remote.md``."""
 

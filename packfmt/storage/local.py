@@ -7,7 +7,7 @@ import os
 import uuid
 from typing import List, Optional, Sequence, Tuple
 
-from .base import ObjectNotFoundError, RemoteReadError, Store, parse_options
+from .base import ObjectNotFoundError, ObjectWriter, RemoteReadError, Store, parse_options
 
 
 def _fsync_dir(path: str) -> None:
@@ -23,7 +23,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class LocalWriter:
+class LocalWriter(ObjectWriter):
     """Writes ``name`` through a temporary file in the same directory; ``close`` renames it in."""
 
     def __init__(self, path: str, stats=None):
@@ -72,22 +72,6 @@ class LocalWriter:
             try:
                 os.unlink(self._tmp)
             except FileNotFoundError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def __del__(self):
-        if not getattr(self, "closed", True):
-            try:
-                self.abort()
-            except Exception:
                 pass
 
 

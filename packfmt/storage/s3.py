@@ -23,7 +23,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from .base import ObjectNotFoundError, PermanentError, RemoteReadError, Store, parse_options
+from .base import ObjectNotFoundError, ObjectWriter, PermanentError, RemoteReadError, Store, parse_options
 from .retry import ShortReadError
 
 S3_OPTIONS = {
@@ -290,7 +290,7 @@ def _abort_unfinished_uploads():  # pragma: no cover - exercised by a subprocess
             pass
 
 
-class S3Writer:
+class S3Writer(ObjectWriter):
     """Streams one object to S3 as a multipart upload while the caller writes.
 
     Every ``part_size`` bytes written become one UploadPart sent by a background
@@ -447,22 +447,6 @@ class S3Writer:
             except ObjectNotFoundError:   # NoSuchUpload: already gone
                 pass
             self._upload_id = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-    def __del__(self):
-        if not getattr(self, "closed", True):
-            try:
-                self.abort()
-            except Exception:
-                pass
 
 
 __all__ = ["S3Store", "S3Writer", "parse_s3_url"]
