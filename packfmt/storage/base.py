@@ -220,15 +220,25 @@ class Store:
     def _reset_clients(self):
         """Drop network clients (overridden); they are re-created on first use."""
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _per_process(self, attr: str, make):
+        """``self.<attr>``, made by ``make()`` once per process and kept with its pid in ``<attr>_pid``.
+
+        Thread pools and network clients do not survive ``fork``: a child sees the parent's object
+        with the parent's pid and makes its own. Double-checked under the store's lock."""
         pid = os.getpid()
-        if self._pool is None or self._pool_pid != pid:
+        obj = getattr(self, attr)
+        if obj is None or getattr(self, attr + "_pid") != pid:
             with self._lock:
-                if self._pool is None or self._pool_pid != pid:
-                    # After fork the parent's worker threads do not exist here: start afresh.
-                    self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="packfmt-io")
-                    self._pool_pid = pid
-        return self._pool
+                obj = getattr(self, attr)
+                if obj is None or getattr(self, attr + "_pid") != pid:
+                    obj = make()
+                    setattr(self, attr, obj)
+                    setattr(self, attr + "_pid", pid)
+        return obj
+
+    def _executor(self) -> ThreadPoolExecutor:
+        return self._per_process(
+            "_pool", lambda: ThreadPoolExecutor(self.threads, thread_name_prefix="packfmt-io"))
 
     def close(self):
         pool, self._pool = self._pool, None

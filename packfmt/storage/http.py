@@ -61,26 +61,23 @@ class HTTPStore(Store):
 
     @property
     def pool(self):
-        pid = os.getpid()
-        if self._pm is None or self._pm_pid != pid:
-            with self._lock:
-                if self._pm is None or self._pm_pid != pid:
-                    import urllib3
-                    kw = {}
-                    if self.url.startswith("https:"):
-                        kw["cert_reqs"] = "CERT_REQUIRED" if self.options["verify"] else "CERT_NONE"
-                        if self.options["ca_certs"]:
-                            kw["ca_certs"] = self.options["ca_certs"]
-                    # Redirects followed (CDNs, presigned URLs); every other retry is ours (retry.py).
-                    no_retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
-                                               raise_on_redirect=True, raise_on_status=False)
-                    self._pm = urllib3.PoolManager(
-                        num_pools=4, maxsize=self.threads + 2, block=False, retries=no_retries,
-                        timeout=urllib3.Timeout(connect=float(self.options["connect_timeout"]),
-                                                read=float(self.options["read_timeout"])),
-                        **kw)
-                    self._pm_pid = pid
-        return self._pm
+        return self._per_process("_pm", self._make_pool)
+
+    def _make_pool(self):
+        import urllib3
+        kw = {}
+        if self.url.startswith("https:"):
+            kw["cert_reqs"] = "CERT_REQUIRED" if self.options["verify"] else "CERT_NONE"
+            if self.options["ca_certs"]:
+                kw["ca_certs"] = self.options["ca_certs"]
+        # Redirects followed (CDNs, presigned URLs); every other retry is ours (retry.py).
+        no_retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
+                                   raise_on_redirect=True, raise_on_status=False)
+        return urllib3.PoolManager(
+            num_pools=4, maxsize=self.threads + 2, block=False, retries=no_retries,
+            timeout=urllib3.Timeout(connect=float(self.options["connect_timeout"]),
+                                    read=float(self.options["read_timeout"])),
+            **kw)
 
     def object_url(self, name: str) -> str:
         return f"{self.url}/{quote(name)}"

@@ -138,13 +138,7 @@ class S3Store(Store):
 
     @property
     def client(self):
-        pid = os.getpid()
-        if self._client is None or self._client_pid != pid:
-            with self._lock:
-                if self._client is None or self._client_pid != pid:
-                    self._client = self._make_client()
-                    self._client_pid = pid
-        return self._client
+        return self._per_process("_client", self._make_client)
 
     def _make_client(self):
         import boto3
@@ -178,14 +172,8 @@ class S3Store(Store):
             return session.client("s3", **kwargs)
 
     def _upload_executor(self) -> ThreadPoolExecutor:
-        pid = os.getpid()
-        if self._upool is None or self._upool_pid != pid:
-            with self._lock:
-                if self._upool is None or self._upool_pid != pid:
-                    self._upool = ThreadPoolExecutor(max(1, int(self.options["max_inflight_parts"])),
-                                                     thread_name_prefix="packfmt-upload")
-                    self._upool_pid = pid
-        return self._upool
+        return self._per_process("_upool", lambda: ThreadPoolExecutor(
+            max(1, int(self.options["max_inflight_parts"])), thread_name_prefix="packfmt-upload"))
 
     # --- naming ---------------------------------------------------------------------------
     def key(self, name: str) -> str:
