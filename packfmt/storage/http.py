@@ -10,7 +10,6 @@ returned. ``storage_options``: ``headers`` (e.g. an ``Authorization`` header),
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 from urllib.parse import quote, urljoin, urlsplit
