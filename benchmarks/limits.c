@@ -17,7 +17,12 @@
  * batch's bytes objects are in Python):
  *   mmap_memcpy        memcpy from a MAP_POPULATE'd mmap of each shard: the floor for any reader
  *   mmap_memcpy_xxh3   the same plus the record checksum packfmt verifies (pk_xxh3_64 from src_c/, the
- *                      reader's own code): what a verifying reader must add
+ *                      reader's own code) of the copy: a verifying reader that copies, then hashes
+ *   mmap_memcpy_prefetch  memcpy, after asking the CPU (prefetch) for the first 1 KiB of the next
+ *                      sample of the batch, as src_c/reader.c does: a faster floor than plain memcpy
+ *   mmap_memcpy_xxh3_fused  what packfmt's verified mmap read does: the same prefetch, then
+ *                      pk_xxh3_64_copy from src_c/ (copy and checksum in one pass over the mapping:
+ *                      each stripe loaded once, stored, hashed)
  *   mmap_malloc_memcpy malloc one buffer per sample, memcpy, free them after the batch (object cost)
  *   pread              one pread(2) per sample into the buffer
  *   mmap_memcpy_xxh3_lib (only with -DPK_BENCH_XXH3) the same with libxxhash's XXH3-64, for comparison
@@ -38,7 +43,7 @@
 
 #ifdef PK_BENCH_XXH3
 /* Optional (the script defines PK_BENCH_XXH3 when the xxhash.h header is installed, e.g. Debian's
- * libxxhash-dev): what the verifying read would cost with XXH3-64 instead of XXH64. */
+ * libxxhash-dev): the reference library's XXH3-64, to compare with packfmt's own. */
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 #endif
@@ -98,14 +103,25 @@ static size_t batch;
 static uint8_t *out;
 static volatile uint64_t sink;
 
-enum mode { MMAP_MEMCPY, MMAP_MEMCPY_XXH64, MMAP_MALLOC_MEMCPY, PREAD, MMAP_MEMCPY_XXH3, NMODES };
-static const char *mode_name[NMODES] = {"mmap_memcpy", "mmap_memcpy_xxh3", "mmap_malloc_memcpy", "pread",
+enum mode { MMAP_MEMCPY, MMAP_MEMCPY_PREFETCH, MMAP_MEMCPY_XXH3, MMAP_MEMCPY_XXH3_FUSED, MMAP_MALLOC_MEMCPY,
+            PREAD, MMAP_MEMCPY_XXH3_LIB, NMODES };
+static const char *mode_name[NMODES] = {"mmap_memcpy", "mmap_memcpy_prefetch", "mmap_memcpy_xxh3",
+                                        "mmap_memcpy_xxh3_fused", "mmap_malloc_memcpy", "pread",
                                         "mmap_memcpy_xxh3_lib"};
 #ifdef PK_BENCH_XXH3
 static const int nmodes = NMODES;
 #else
 static const int nmodes = NMODES - 1;
 #endif
+
+/* The first 1 KiB of sample i, asked for ahead of use (src_c/reader.c, PREFETCH_NEXT).  Forced inline:
+ * GCC 12 finds that an out-of-line function doing nothing but prefetches has no effect, and drops the
+ * calls. */
+static inline __attribute__((always_inline)) void prefetch_sample(uint64_t i) {
+    const uint8_t *p = maps[shard[i]] + offset[i];
+    uint32_t l = len[i] < 1024 ? len[i] : 1024;
+    for (uint32_t o = 0; o < l; o += 64) __builtin_prefetch(p + o, 0, 3);
+}
 
 /* One pass over all positions; returns a value depending on every byte copied (no dead code). */
 static uint64_t pass(enum mode m) {
@@ -123,16 +139,24 @@ static uint64_t pass(enum mode m) {
             case MMAP_MEMCPY:
                 memcpy(dst, src, l);
                 break;
-            case MMAP_MEMCPY_XXH64:
+            case MMAP_MEMCPY_XXH3:
                 memcpy(dst, src, l);
                 acc += pk_xxh3_64(dst, l);
+                break;
+            case MMAP_MEMCPY_PREFETCH:
+                if (i + 1 < b) prefetch_sample(i + 1);
+                memcpy(dst, src, l);
+                break;
+            case MMAP_MEMCPY_XXH3_FUSED:
+                if (i + 1 < b) prefetch_sample(i + 1);
+                acc += pk_xxh3_64_copy(dst, src, l);
                 break;
             case MMAP_MALLOC_MEMCPY:
                 dst = bufs[i - a] = malloc(l ? l : 1);
                 if (!dst) die("malloc");
                 memcpy(dst, src, l);
                 break;
-            case MMAP_MEMCPY_XXH3:
+            case MMAP_MEMCPY_XXH3_LIB:
                 memcpy(dst, src, l);
 #ifdef PK_BENCH_XXH3
                 acc += XXH3_64bits(dst, l);

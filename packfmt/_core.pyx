@@ -6,13 +6,13 @@ place: check_status().
 """
 import os
 
-from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from packfmt.includes.checksum cimport PK_XXH3_AVX2, PK_XXH3_SCALAR, pk_xxh3_64, pk_xxh3_impl, pk_xxh64
+from packfmt.includes.checksum cimport PK_XXH3_AVX2, PK_XXH3_SCALAR, pk_xxh3_64, pk_xxh3_64_copy, pk_xxh3_impl, pk_xxh64
 from packfmt.includes.format cimport *
 from packfmt.includes.reader cimport *
 from packfmt.includes.writer cimport *
@@ -121,6 +121,31 @@ def xxh3_64(data):
     """XXH3-64 (seed 0, default secret) of a bytes-like object, computed by the C core: the per-record
     checksum of the format (docs/format.md, "Checksums")."""
     return _hash_buffer(data, True, 0)
+
+
+def xxh3_64_copy(dst, src):
+    """Copy the bytes of src to the start of dst (a writable buffer at least as long, not overlapping src)
+    and return their XXH3-64, in one pass: the reader's verified copy (pk_xxh3_64_copy).  For tests and
+    benchmarks."""
+    cdef Py_buffer s, d
+    cdef uint64_t h
+    cdef size_t n
+    PyObject_GetBuffer(src, &s, PyBUF_C_CONTIGUOUS)
+    try:
+        PyObject_GetBuffer(dst, &d, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE)
+        try:
+            if d.len < s.len:
+                raise ValueError(f"destination of {d.len} bytes is shorter than the {s.len}-byte source")
+            if s.len and <char *>d.buf < <char *>s.buf + s.len and <char *>s.buf < <char *>d.buf + s.len:
+                raise ValueError("source and destination overlap")
+            n = <size_t>s.len
+            with nogil:
+                h = pk_xxh3_64_copy(d.buf if n else NULL, s.buf if n else NULL, n)
+        finally:
+            PyBuffer_Release(&d)
+    finally:
+        PyBuffer_Release(&s)
+    return h
 
 
 _XXH3_IMPLS = {"scalar": PK_XXH3_SCALAR, "avx2": PK_XXH3_AVX2}

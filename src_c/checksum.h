@@ -37,6 +37,13 @@ uint64_t pk_xxh64_digest(const pk_xxh64_state *s);
  * either way.  Setting PACKFMT_NO_SIMD=1 in the environment before the first call forces the scalar code. */
 uint64_t pk_xxh3_64(const void *data, size_t len);
 
+/* Copy len bytes from src to dst (which must not overlap) and return pk_xxh3_64 of them, in one pass
+ * over src: each 64-byte stripe is loaded once, stored to dst and fed to the accumulators.  The result is
+ * the hash of the bytes written to dst, even if src changes meanwhile (a shared mapping of a file being
+ * rewritten): a reader that compares it with the record's checksum never returns unverified bytes.  Same
+ * code paths (scalar, AVX2) and PACKFMT_NO_SIMD switch as pk_xxh3_64. */
+uint64_t pk_xxh3_64_copy(void *dst, const void *src, size_t len);
+
 /* Which XXH3 implementation is in use: PK_XXH3_SCALAR or PK_XXH3_AVX2.  want = -1 only asks; want =
  * PK_XXH3_SCALAR forces the scalar code; want = PK_XXH3_AVX2 selects AVX2 if the CPU has it (scalar
  * otherwise).  For tests and benchmarks: not meant to be changed while other threads hash. */

@@ -266,3 +266,77 @@ def test_remote_verify_records_uses_xxh3(tmp_path):
     data[int(entries[1]["offset"]) + 7] ^= 0x10
     rs.data = bytes(data)
     assert rs.verify_records(entries, 10) == ([1], 1)
+
+
+# --------------------------------------------------------------------- XXH3-64 fused with the copy
+
+
+def copy_both(data, src_off=0, dst_off=0, slack=0):
+    """_core.xxh3_64_copy(data) on each code path, into a destination at dst_off of a buffer with `slack`
+    guard bytes after it, from a source at src_off.  Returns [(hash, copied bytes, guard intact), ...]."""
+    src = memoryview(bytearray(src_off) + data)[src_off:]
+    out = []
+    for name in IMPLS:
+        with xxh3_impl(name):
+            buf = bytearray(b"\xa5" * (dst_off + len(data) + slack))
+            h = _core.xxh3_64_copy(memoryview(buf)[dst_off:], src)
+            out.append((h, bytes(buf[dst_off:dst_off + len(data)]),
+                        buf[:dst_off] == b"\xa5" * dst_off and buf[dst_off + len(data):] == b"\xa5" * slack))
+    return out
+
+
+def test_xxh3_copy_every_length_to_300():
+    # Every length 0..300 (all the short paths, and the first long inputs, where the copy and the hash are
+    # fused), at every source and destination offset 0..7: the hash equals the package's, the copy is
+    # byte for byte the source, and no byte after the copy is written.
+    data = os.urandom(512)
+    for n in range(0, 301):
+        want = xxhash.xxh3_64_intdigest(data[:n])
+        for off in range(8):
+            got = copy_both(data[:n], src_off=off, dst_off=(n + off) % 8, slack=8)
+            assert got == [(want, data[:n], True)] * 2, (n, off)
+
+
+@given(data=st.binary(max_size=5000), src_off=st.integers(0, 63), dst_off=st.integers(0, 63))
+def test_xxh3_copy_small_inputs(data, src_off, dst_off):
+    want = xxhash.xxh3_64_intdigest(data)
+    assert copy_both(data, src_off, dst_off, slack=64) == [(want, data, True)] * 2
+
+
+@given(size=st.one_of(st.integers(241, 64 << 10), st.integers(64 << 10, 4 << 20)), src_off=st.integers(0, 63),
+       dst_off=st.integers(0, 63), salt=st.integers(0, 2**32))
+def test_xxh3_copy_large_inputs(size, src_off, dst_off, salt):
+    # Long inputs up to 4 MiB (half of the draws above 64 KiB): many 1 KiB blocks (the prefetch runs ahead
+    # inside the record, never past it), every tail length, unaligned on both sides.
+    data = (salt.to_bytes(5, "little") + os.urandom(size))[:size]
+    want = xxhash.xxh3_64_intdigest(data)
+    assert copy_both(data, src_off, dst_off, slack=64) == [(want, data, True)] * 2
+
+
+def test_xxh3_copy_block_boundaries():
+    data = os.urandom(8 * 1024 + 300)
+    for n in sorted({k * 1024 + d for k in range(1, 9) for d in (-65, -64, -63, -1, 0, 1, 63, 64, 65)}):
+        want = xxhash.xxh3_64_intdigest(data[:n])
+        assert copy_both(data[:n], 3, 5, slack=3) == [(want, data[:n], True)] * 2, n
+
+
+def test_xxh3_copy_checks_its_arguments():
+    import pytest
+
+    with pytest.raises(ValueError, match="shorter"):
+        _core.xxh3_64_copy(bytearray(3), b"abcd")
+    buf = bytearray(100)
+    with pytest.raises(ValueError, match="overlap"):
+        _core.xxh3_64_copy(memoryview(buf)[10:], memoryview(buf)[:50])
+    with pytest.raises(BufferError):  # bytes are read-only
+        _core.xxh3_64_copy(b"read-only!", b"abc")
+    assert _core.xxh3_64_copy(bytearray(), b"") == xxhash.xxh3_64_intdigest(b"")
+
+
+def test_xxh3_copy_no_simd_env():
+    # PACKFMT_NO_SIMD=1 selects the scalar copy loop too (a long input, so the fused loop runs).
+    code = ("import os; from packfmt import _core; d = bytes(range(256)) * 40; b = bytearray(len(d)); "
+            "h = _core.xxh3_64_copy(b, d); print(_core.xxh3_impl(), h, bytes(b) == d)")
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "PACKFMT_NO_SIMD": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["scalar", str(xxhash.xxh3_64_intdigest(bytes(range(256)) * 40)), "True"]

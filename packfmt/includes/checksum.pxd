@@ -9,6 +9,7 @@ cdef extern from "checksum.h" nogil:
     void pk_xxh64_update(pk_xxh64_state *s, const void *data, size_t len)
     uint64_t pk_xxh64_digest(const pk_xxh64_state *s)
     uint64_t pk_xxh3_64(const void *data, size_t len)
+    uint64_t pk_xxh3_64_copy(void *dst, const void *src, size_t len)
     enum:
         PK_XXH3_SCALAR
         PK_XXH3_AVX2

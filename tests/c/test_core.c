@@ -185,13 +185,24 @@ static void test_xxh3(void) {
             CHECK(pk_xxh3_64(odd + 1, vec[k].len) == vec[k].want);
         }
     }
-    /* Scalar and AVX2 agree on every length across a few blocks. */
+    /* Scalar and AVX2 agree on every length across a few blocks, and the fused copy-and-hash returns the
+     * same value while copying exactly n bytes (to an odd address; the guard bytes after stay intact). */
+    uint8_t *copy = malloc(N + 9);
+    CHECK(copy != NULL);
     for (size_t n = 0; n <= N; n += (n < 300 ? 1 : 37)) {
         pk_xxh3_impl(PK_XXH3_SCALAR);
         uint64_t a = pk_xxh3_64(odd + 1, n);
-        pk_xxh3_impl(PK_XXH3_AVX2);
-        CHECK(pk_xxh3_64(odd + 1, n) == a);
+        for (int impl = PK_XXH3_SCALAR; impl <= best; impl++) {
+            pk_xxh3_impl(impl);
+            CHECK(pk_xxh3_64(odd + 1, n) == a);
+            memset(copy, 0x5A, N + 9);
+            CHECK(pk_xxh3_64_copy(copy + 3, odd + 1, n) == a);
+            CHECK(memcmp(copy + 3, odd + 1, n) == 0);
+            CHECK(copy[2] == 0x5A && copy[3 + n] == 0x5A);
+        }
     }
+    CHECK(pk_xxh3_64_copy(NULL, NULL, 0) == 0x2D06800538D394C2ULL);
+    free(copy);
     free(buf);
     free(odd);
     pk_xxh3_impl(best);
