@@ -372,14 +372,39 @@ static int req_cmp(const void *a, const void *b) {
     return (x->pos > y->pos) - (x->pos < y->pos);
 }
 
-static int check_sum(const uint8_t *p, uint32_t len, uint64_t want, const req *r, pk_error *err) {
-    uint64_t got = pk_xxh3_64(p, len);
+/* A record's checksum: got is the XXH3-64 of the bytes handed to the caller. */
+static int check_sum(uint64_t got, uint64_t want, const req *r, pk_error *err) {
     if (got == want) return PK_OK;
     if (err) {
         err->shard = r->shard;
         err->item = (int64_t)r->pos;
     }
     return pk_fail(err, PK_E_CHECKSUM, r->offset, want, got, "record checksum");
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define PK_PREFETCH(addr) __builtin_prefetch((addr), 0, 3)
+#else
+#define PK_PREFETCH(addr) ((void)(addr))
+#endif
+
+/* How much of the next record of a batch to ask the CPU for while the current one is copied: its first
+ * cache-line misses then overlap with useful work instead of stalling the copy.  Measured with
+ * benchmarks/limits.c on 200,000 random samples (6.8 KB on average, AMD EPYC): 1 KiB ahead took the
+ * verified copy (pk_xxh3_64_copy) from about 0.65x to about 0.8x of plain memcpy's rate (512 B: less;
+ * 2 and 4 KiB: no better), and plain memcpy itself up by about 15%. */
+enum { PREFETCH_NEXT = 1024 };
+
+/* Prefetch the start of the record r asks for, if its shard is open and mapped and the record lies in the
+ * shard's data region (a bad index entry is reported when its turn comes, not here).  Forced inline: GCC
+ * may drop calls to an out-of-line function that does nothing but prefetch (it counts as pure). */
+static inline __attribute__((always_inline)) void prefetch_req(pk_shardset *set, const req *r) {
+    if (r->shard >= set->n) return;
+    const pk_shard *s = __atomic_load_n(&set->shards[r->shard], __ATOMIC_ACQUIRE);
+    if (!s || !s->map || !in_data(s, r->offset, r->len)) return;
+    const uint8_t *p = s->map + r->offset;
+    uint32_t n = r->len < PREFETCH_NEXT ? r->len : PREFETCH_NEXT;
+    for (uint32_t o = 0; o < n; o += 64) PK_PREFETCH(p + o);
 }
 
 int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *rows, size_t n,
@@ -442,22 +467,23 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
                 b++;
             }
         }
-        if (s->map || b == a + 1) {
-            /* Straight into the caller's buffers. */
-            for (size_t k = a; k < b; k++) {
-                const req *q = &reqs[k];
-                if (s->map) {
-                    if (q->len) memcpy(dst[q->pos], s->map + q->offset, q->len);
-                } else {
-                    rc = pread_exact(s->fd, dst[q->pos], q->len, q->offset, err);
-                    if (rc) break;
-                }
-                reads++;
-                if (opts->verify) {
-                    rc = check_sum(dst[q->pos], q->len, cols->checksum[rows[q->pos]], q, err);
-                    if (rc) break;
-                }
-            }
+        if (s->map) {
+            /* Straight from the mapping into the caller's buffer; a verified read copies and hashes in one
+             * pass, and the hash is that of the bytes written to the caller's buffer. */
+            if (b < n) prefetch_req(set, &reqs[b]);
+            uint8_t *d = dst[r->pos];
+            const uint8_t *src = s->map + r->offset;
+            reads++;
+            if (opts->verify)
+                rc = check_sum(pk_xxh3_64_copy(d, src, r->len), cols->checksum[rows[r->pos]], r, err);
+            else if (r->len)
+                memcpy(d, src, r->len);
+        } else if (b == a + 1) {
+            /* A lone record: pread straight into the caller's buffer, then hash it there. */
+            rc = pread_exact(s->fd, dst[r->pos], r->len, r->offset, err);
+            reads++;
+            if (!rc && opts->verify)
+                rc = check_sum(pk_xxh3_64(dst[r->pos], r->len), cols->checksum[rows[r->pos]], r, err);
         } else {
             size_t span = (size_t)(run_end - r->offset);
             if (span > scratch_cap) {
@@ -474,8 +500,10 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
             for (size_t k = a; !rc && k < b; k++) {
                 const req *q = &reqs[k];
                 const uint8_t *src = span ? scratch + (q->offset - r->offset) : scratch; /* empty run: no NULL + 0 */
-                if (q->len) memcpy(dst[q->pos], src, q->len);
-                if (opts->verify) rc = check_sum(src, q->len, cols->checksum[rows[q->pos]], q, err);
+                if (opts->verify)
+                    rc = check_sum(pk_xxh3_64_copy(dst[q->pos], src, q->len), cols->checksum[rows[q->pos]], q, err);
+                else if (q->len)
+                    memcpy(dst[q->pos], src, q->len);
             }
         }
         if (rc) {

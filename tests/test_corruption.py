@@ -100,6 +100,44 @@ def test_flipped_byte_in_record_is_caught_for_that_sample_only(pristine, tmp_pat
     assert ds.get_batch(others) == [payloads[i] for i in others]
 
 
+@pytest.fixture(scope="module")
+def long_records(tmp_path_factory):
+    """One shard of records long enough for the fused copy-and-hash loop (whole 1 KiB blocks, the
+    prefetch running ahead, a last stripe that overlaps the one before), between short ones."""
+    d = tmp_path_factory.mktemp("long") / "ds"
+    rng = np.random.default_rng(7)
+    payloads = [rng.bytes(n) for n in (5, 241, 3000, 9, 70_000, 1024, 4097, 100)]
+    with packfmt.Writer(str(d), shard_size="1GiB") as w:
+        for i, p in enumerate(payloads):
+            w.add(f"r{i}", p)
+    return str(d), payloads
+
+
+@pytest.mark.parametrize("use_mmap", MODES)
+@pytest.mark.parametrize("sample", [2, 4, 5, 6])
+@pytest.mark.parametrize("where", ["first", "block", "before_last_stripe", "last_stripe", "last"])
+def test_flipped_byte_in_long_record(long_records, tmp_path, use_mmap, sample, where):
+    # Whatever byte of a long record differs, the read that copies and hashes it in one pass fails with the
+    # record's shard and offset, alone, in a batch (pread: coalesced with its neighbours) and via ds[i];
+    # the other records still read right.
+    src, payloads = long_records
+    d = h.copy(src, tmp_path / "ds")
+    _, shard, offset, length = _records_of(d)[sample]
+    at = {"first": 0, "block": length // 2, "before_last_stripe": length - 65, "last_stripe": length - 33,
+          "last": length - 1}[where]
+    h.flip(h.shard_path(d, shard), offset + at, 0x80)
+    ds = packfmt.open(d, mmap=use_mmap)
+    for read in (lambda: ds[sample], lambda: ds.get_batch(list(range(len(ds)))),
+                 lambda: ds.get_batch([sample]), lambda: ds.get_batch_packed([0, sample, 1])):
+        with pytest.raises(packfmt.CorruptShardError) as ei:
+            read()
+        assert ei.value.offset == offset and ei.value.shard.endswith(f"shard-{shard:05d}.pack")
+        assert f"offset {offset}" in str(ei.value)
+    others = [i for i in range(len(ds)) if i != sample]
+    assert ds.get_batch(others) == [payloads[i] for i in others]
+    assert packfmt.open(d, mmap=use_mmap, verify=False)[sample] != payloads[sample]  # the flip is real
+
+
 @pytest.mark.parametrize("use_mmap", MODES)
 def test_flipped_byte_in_zstd_record(pristine_zstd, tmp_path, use_mmap):
     src, payloads = pristine_zstd
