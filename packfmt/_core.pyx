@@ -10,6 +10,8 @@ from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.ref cimport Py_INCREF
 from libc.string cimport memcpy, memset
 
 from packfmt.includes.checksum cimport PK_XXH3_AVX2, PK_XXH3_SCALAR, pk_xxh3_64, pk_xxh3_64_copy, pk_xxh3_impl, pk_xxh64
@@ -500,22 +502,43 @@ cdef class ShardSet:
         return out
 
     def read_rows(self, const int64_t[::1] rows):
-        """Stored bytes of each row, as a list of bytes in the order of rows."""
+        """Stored bytes of each row, as a list of bytes in the order of rows (negative rows count from the
+        end; IndexError for a row out of range).
+
+        Every bytes object of the batch is allocated first, then one call into the C core fills them all
+        with the GIL released: per sample, Python does one allocation and one list store."""
         cdef Py_ssize_t k, n = rows.shape[0]
-        cdef list out = [None] * n
+        cdef int64_t row, nrows = <int64_t>self.cols.nrows
+        cdef const int64_t *r = &rows[0] if n else NULL
+        cdef int64_t *wrapped = NULL
         cdef uint8_t **dst = <uint8_t **>malloc(max(n, 1) * sizeof(uint8_t *))
         if dst is NULL:
             raise MemoryError()
+        cdef list out = PyList_New(n)  # filled below before anyone sees it
         cdef bytes b
         try:
             for k in range(n):
-                self._check_row(rows[k])
-                b = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[rows[k]])
-                out[k] = b
+                row = r[k]
+                if row < 0 or row >= nrows:
+                    if row < 0 and row >= -nrows:
+                        if wrapped is NULL:  # first negative row: read from a wrapped copy of rows
+                            wrapped = <int64_t *>malloc(n * sizeof(int64_t))
+                            if wrapped is NULL:
+                                raise MemoryError()
+                            memcpy(wrapped, r, n * sizeof(int64_t))
+                            r = wrapped
+                        row += nrows
+                        wrapped[k] = row
+                    else:
+                        raise IndexError(f"sample index out of range: {row} (dataset has {nrows} samples)")
+                b = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[row])
+                Py_INCREF(b)
+                PyList_SET_ITEM(out, k, b)
                 dst[k] = <uint8_t *>PyBytes_AS_STRING(b)
-            self._read(&rows[0] if n else NULL, n, dst)
+            self._read(r, n, dst)
         finally:
             free(dst)
+            free(wrapped)
         return out
 
     def read_rows_into(self, const int64_t[::1] rows, uint8_t[::1] buf, const uint64_t[::1] starts):

@@ -9,6 +9,8 @@ record's checksum before handing bytes back.
 from __future__ import annotations
 
 import builtins
+import itertools
+import operator
 import os
 import weakref
 
@@ -31,6 +33,7 @@ _INDEX_TYPES = {
 }
 
 _builtin_open = builtins.open
+_INT64 = np.dtype(np.int64)
 _open_datasets: "weakref.WeakSet[Dataset]" = weakref.WeakSet()
 
 
@@ -39,6 +42,7 @@ def _after_fork_in_child() -> None:
     for ds in list(_open_datasets):
         ds.__dict__.pop("_shardset", None)  # remote readers re-create their clients themselves
         ds.__dict__.pop("_read_one", None)
+        ds.__dict__.pop("_read_rows", None)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -359,11 +363,16 @@ class Dataset:
 
     def get_batch(self, indices) -> list:
         """The samples at ``indices`` (any order, repeats allowed), as a list of bytes in that order."""
+        fast = self.__dict__.get("_read_rows")  # raw local records: an int64 array goes straight to the C core
+        if (fast is not None and type(indices) is np.ndarray and indices.dtype == _INT64 and indices.ndim == 1
+                and indices.flags.c_contiguous):
+            return fast(indices)  # checks the range and wraps negative indices itself
         rows = self._rows(indices)
         if self._remote:
             return self._read_remote(rows)
         if self._raw_only:
-            return self._shardset.read_rows(rows)
+            read_rows = self.__dict__["_read_rows"] = self._shardset.read_rows
+            return read_rows(rows)
         return self._read_decoded(rows)
 
     def get_batch_packed(self, indices, alloc=None):
@@ -519,20 +528,40 @@ class Dataset:
         return zstandard.ZstdCompressionDict(data)
 
     def __iter__(self):
-        """All samples in index order, read in batches."""
-        n = len(self)
-        for start in range(0, n, 256):
-            yield from self.get_batch(np.arange(start, min(start + 256, n)))
+        """All samples in index order, read in batches of 256 (one call into the C core per batch).
+
+        >>> import packfmt, tempfile, os
+        >>> out = os.path.join(tempfile.mkdtemp(), "ds")
+        >>> with packfmt.Writer(out) as w:
+        ...     w.add("a", b"x"); w.add("b", b"yz")
+        >>> list(packfmt.open(out))
+        [b'x', b'yz']
+        """
+        return itertools.chain.from_iterable(self.iter_batches(256))  # no Python frame per sample
 
     def iter_batches(self, batch_size: int = 256, indices=None):
-        """Yield lists of samples for consecutive slices of ``indices`` (default: all, in order)."""
-        idx = np.arange(len(self)) if indices is None else np.asarray(indices)
-        for start in range(0, len(idx), batch_size):
-            yield self.get_batch(idx[start: start + batch_size])
+        """Yield lists of samples for consecutive slices of ``indices`` (default: all, in order), each
+        ``batch_size`` long except perhaps the last.  ``indices`` is checked once, up front.
+
+        >>> import packfmt, tempfile, os
+        >>> out = os.path.join(tempfile.mkdtemp(), "ds")
+        >>> with packfmt.Writer(out) as w:
+        ...     for i in range(5): w.add(str(i), b"%d" % i)
+        >>> [b for b in packfmt.open(out).iter_batches(2, indices=[4, 0, -1])]
+        [[b'4', b'0'], [b'4']]
+        """
+        batch_size = operator.index(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        rows = np.arange(len(self), dtype=np.int64) if indices is None else self._rows(indices)
+        get_batch = self.get_batch
+        for start in range(0, len(rows), batch_size):
+            yield get_batch(rows[start: start + batch_size])
 
     def close(self) -> None:
         self.__dict__.pop("_shardset", None)
         self.__dict__.pop("_read_one", None)
+        self.__dict__.pop("_read_rows", None)
         r = self.__dict__.pop("_remote_reader", None)
         if r is not None:
             r.close()

@@ -244,6 +244,68 @@ def test_out_of_range_indices(tmp_path):
     assert ds[0:2] == [b"1", b"2"] and ds[::-1] == [b"2", b"1"]
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_get_batch_index_forms(tmp_path, compression):
+    # Every form of indices gives the same answer: lists, int64 arrays (the fast path straight into the C
+    # core once the dataset has read a batch), other integer dtypes, non-contiguous and 2-D arrays.
+    records = _sample_records(20)
+    ds = packfmt.open(write(tmp_path / "ds", records, compression))
+    want = lambda idx: [records[i][1] for i in idx]  # noqa: E731
+    idx = [3, -1, 0, 3, -20, 19]
+    for _ in range(2):  # the first call primes the fast path
+        assert ds.get_batch(np.array(idx, dtype=np.int64)) == want(idx)
+        assert ds.get_batch(idx) == want(idx)
+    for dt in (np.int32, np.int16, np.uint64, np.uint8):
+        assert ds.get_batch(np.array([5, 1, 5], dtype=dt)) == want([5, 1, 5])
+    a = np.arange(20, dtype=np.int64)
+    assert ds.get_batch(a[::-3]) == want(a[::-3].tolist())  # not contiguous
+    assert ds.get_batch(a[:6].reshape(2, 3)) == want(range(6))
+    assert ds.get_batch(np.zeros(0, dtype=np.int64)) == []
+    for bad in ([20], [-21], [0, 10**12], [-(2**63)]):
+        with pytest.raises(IndexError, match="out of range"):
+            ds.get_batch(np.array(bad, dtype=np.int64))
+    with pytest.raises(TypeError):
+        ds.get_batch(np.array([0.0, 1.0]))
+    if compression == "none":  # the low-level call wraps negative rows too
+        assert ds._shardset.read_rows(np.array([-1, 0], dtype=np.int64)) == [records[-1][1], records[0][1]]
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 2))
+@given(
+    sizes=st.lists(st.one_of(st.integers(0, 64), st.integers(0, 5000)), max_size=60),
+    compression=st.sampled_from(["none", "zstd"]),
+    use_mmap=st.booleans(),
+    batch_size=st.integers(1, 70),
+    picks=st.none() | st.lists(st.integers(0, 10**6), max_size=80),
+)
+def test_iteration_and_iter_batches(tmp_path_factory, sizes, compression, use_mmap, batch_size, picks):
+    # iter(ds) yields every sample in order; iter_batches cuts the given indices (default: all, in order;
+    # negative ones count from the end, repeats allowed) into consecutive batches of batch_size.
+    records = [(f"k{i}", payload(i, n, i % 3)) for i, n in enumerate(sizes)]
+    ds = packfmt.open(write(tmp_path_factory.mktemp("it") / "ds", records, compression), mmap=use_mmap)
+    n = len(records)
+    it = iter(ds)
+    assert iter(it) is it
+    assert list(it) == [d for _, d in records] and list(it) == []
+    idx = list(range(n)) if picks is None or not n else [p % (2 * n) - n for p in picks]
+    batches = list(ds.iter_batches(batch_size, indices=None if picks is None else idx))
+    assert [len(b) for b in batches] == [min(batch_size, len(idx) - k) for k in range(0, len(idx), batch_size)]
+    assert [x for b in batches for x in b] == [records[i][1] for i in idx]
+
+
+def test_iter_batches_checks_its_arguments_up_front(tmp_path):
+    ds = packfmt.open(write(tmp_path / "ds", _sample_records(5)))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="batch_size"):
+            next(ds.iter_batches(bad))
+    with pytest.raises(TypeError):
+        next(ds.iter_batches(2.5))
+    batches = ds.iter_batches(2, indices=[0, 1, 2, 5])
+    with pytest.raises(IndexError):  # before the first batch, not when reaching the bad index
+        next(batches)
+    assert list(ds.iter_batches(10)) == [[d for _, d in _sample_records(5)]]
+
+
 def test_empty_dataset(tmp_path):
     path = write(tmp_path / "ds", [])
     ds = packfmt.open(path)
