@@ -511,12 +511,16 @@ cdef class ShardSet:
         cdef int64_t row, nrows = <int64_t>self.cols.nrows
         cdef const int64_t *r = &rows[0] if n else NULL
         cdef int64_t *wrapped = NULL
-        cdef uint8_t **dst = <uint8_t **>malloc(max(n, 1) * sizeof(uint8_t *))
+        # One block: the destination pointers, then the lengths.
+        cdef uint8_t **dst = <uint8_t **>malloc(max(n, 1) * (sizeof(uint8_t *) + sizeof(uint32_t)))
         if dst is NULL:
             raise MemoryError()
-        cdef list out = PyList_New(n)  # filled below before anyone sees it
+        cdef uint32_t *lens = <uint32_t *>(dst + max(n, 1))
+        cdef list out
         cdef bytes b
         try:
+            # Check the rows and gather their lengths in a tight loop first: random rows miss the cache in
+            # the index columns, and here those misses overlap instead of waiting one per allocation.
             for k in range(n):
                 row = r[k]
                 if row < 0 or row >= nrows:
@@ -531,7 +535,10 @@ cdef class ShardSet:
                         wrapped[k] = row
                     else:
                         raise IndexError(f"sample index out of range: {row} (dataset has {nrows} samples)")
-                b = PyBytes_FromStringAndSize(NULL, self.cols.stored_len[row])
+                lens[k] = self.cols.stored_len[row]
+            out = PyList_New(n)  # every item is set below before anyone sees the list
+            for k in range(n):
+                b = PyBytes_FromStringAndSize(NULL, lens[k])
                 Py_INCREF(b)
                 PyList_SET_ITEM(out, k, b)
                 dst[k] = <uint8_t *>PyBytes_AS_STRING(b)

@@ -362,6 +362,7 @@ typedef struct req {
     uint32_t shard;
     uint32_t len;
     uint64_t offset;
+    uint64_t checksum;       /* expected XXH3-64 of the stored bytes */
     size_t pos;              /* position in the caller's batch */
 } req;
 
@@ -426,6 +427,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
         reqs[k].shard = cols->shard[row];
         reqs[k].offset = cols->offset[row];
         reqs[k].len = cols->stored_len[row];
+        reqs[k].checksum = cols->checksum[row];  /* gathered here, where the cache misses of random rows overlap */
         reqs[k].pos = k;
     }
     /* Sorting pays for coalescing preads; an mmap read is a memcpy wherever the record lies. */
@@ -475,7 +477,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
             const uint8_t *src = s->map + r->offset;
             reads++;
             if (opts->verify)
-                rc = check_sum(pk_xxh3_64_copy(d, src, r->len), cols->checksum[rows[r->pos]], r, err);
+                rc = check_sum(pk_xxh3_64_copy(d, src, r->len), r->checksum, r, err);
             else if (r->len)
                 memcpy(d, src, r->len);
         } else if (b == a + 1) {
@@ -483,7 +485,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
             rc = pread_exact(s->fd, dst[r->pos], r->len, r->offset, err);
             reads++;
             if (!rc && opts->verify)
-                rc = check_sum(pk_xxh3_64(dst[r->pos], r->len), cols->checksum[rows[r->pos]], r, err);
+                rc = check_sum(pk_xxh3_64(dst[r->pos], r->len), r->checksum, r, err);
         } else {
             size_t span = (size_t)(run_end - r->offset);
             if (span > scratch_cap) {
@@ -501,7 +503,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
                 const req *q = &reqs[k];
                 const uint8_t *src = span ? scratch + (q->offset - r->offset) : scratch; /* empty run: no NULL + 0 */
                 if (opts->verify)
-                    rc = check_sum(pk_xxh3_64_copy(dst[q->pos], src, q->len), cols->checksum[rows[q->pos]], q, err);
+                    rc = check_sum(pk_xxh3_64_copy(dst[q->pos], src, q->len), q->checksum, q, err);
                 else if (q->len)
                     memcpy(dst[q->pos], src, q->len);
             }
