@@ -3,8 +3,8 @@
 # the index lock, the disk or a wait runs with the GIL released.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.errno cimport EDQUOT, EIO, ENOSPC, ESTALE
-from libc.stdint cimport int64_t, uint64_t
+from libc.errno cimport EDQUOT, EINVAL, EIO, ENOSPC, ESTALE
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 
 from packfmt.includes.pagecache cimport *
@@ -24,6 +24,8 @@ PC_BUSY = PK_PC_BUSY
 PC_NOSPACE = PK_PC_NOSPACE
 PC_STALE = PK_PC_STALE
 PC_CORRUPT = PK_PC_CORRUPT
+PC_MISS = PK_PC_MISS
+PC_MISMATCH = PK_PC_MISMATCH
 
 
 cdef int _pc_check(int rc, str what) except -1:
@@ -64,6 +66,67 @@ def pagecache_plan(ranges, int64_t block_size, int64_t object_size, str object_n
                 lst = pieces[b] = []
             lst.append((ri, s - b * block_size, e - s, s - off))
     return results, pieces, multi
+
+
+cdef class PageCacheRecords:
+    """The records of a dataset's remote shards as batch reads through the page cache see them: each
+    shard's block-key seeds and size (``namespace`` must identify the dataset's content), and the index
+    columns that locate every sample -- shard, offset, stored length, XXH3-64 checksum -- kept alive and
+    read in place.  Plain memory: survives fork; not picklable (build one per process)."""
+    cdef pk_pc_object *objs
+    cdef size_t nobjs
+    cdef const uint32_t *shard
+    cdef const uint64_t *offset
+    cdef const uint32_t *stored_len
+    cdef const uint64_t *checksum
+    cdef readonly uint64_t nrows
+    cdef readonly list names
+    cdef object _keep
+
+    def __cinit__(self, str namespace, list names, sizes, const uint32_t[::1] shard,
+                  const uint64_t[::1] offset, const uint32_t[::1] stored_len, const uint64_t[::1] checksum):
+        cdef Py_ssize_t i, n = len(names)
+        cdef bytes ns = namespace.encode("utf-8", "surrogatepass")
+        cdef bytes obj
+        self.objs = NULL
+        if len(sizes) != n:
+            raise ValueError("one size per shard name")
+        if offset.shape[0] != shard.shape[0] or stored_len.shape[0] != shard.shape[0] or \
+                checksum.shape[0] != shard.shape[0]:
+            raise ValueError("index columns differ in length")
+        self.objs = <pk_pc_object *>malloc((n if n else 1) * sizeof(pk_pc_object))
+        if self.objs == NULL:
+            raise MemoryError()
+        self.nobjs = n
+        self.names = [str(x) for x in names]
+        for i in range(n):
+            if sizes[i] < 0:
+                raise ValueError(f"{self.names[i]}: negative size")
+            obj = self.names[i].encode("utf-8", "surrogatepass")
+            pk_pc_object_make(&self.objs[i], ns, len(ns), obj, len(obj), <uint64_t>sizes[i])
+        self._keep = (shard, offset, stored_len, checksum)
+        self.nrows = shard.shape[0]
+        self.shard = &shard[0] if self.nrows else NULL
+        self.offset = &offset[0] if self.nrows else NULL
+        self.stored_len = &stored_len[0] if self.nrows else NULL
+        self.checksum = &checksum[0] if self.nrows else NULL
+
+    def __dealloc__(self):
+        free(self.objs)
+
+    def __reduce__(self):
+        raise TypeError("PageCacheRecords is per process: build a new one instead of pickling it")
+
+    cdef int fill(self, pk_pc_record *r, int64_t row) except -1:
+        if row < 0 or <uint64_t>row >= self.nrows:
+            raise IndexError(f"sample index {row} out of range for {self.nrows} samples")
+        r.object = self.shard[row]
+        r.offset = self.offset[row]
+        r.len = self.stored_len[row]
+        r.checksum = self.checksum[row]
+        r.dst = NULL
+        r.status = 0
+        return 0
 
 
 cdef class PageCacheTicket:
@@ -200,6 +263,91 @@ cdef class PageCacheHandle:
             if outs[i] is not None:
                 results[plist[i][0]] = outs[i]
         return True
+
+    cdef int _read_records(self, PageCacheRecords recs, pk_pc_record *r, const int64_t *rows, Py_ssize_t n,
+                           bint verify, pk_pc_batch_info *info) except -1:
+        cdef pk_pagecache *pc = self._get()
+        cdef int rc
+        cdef int64_t row
+        with nogil:
+            rc = pk_pc_read_records(pc, recs.objs, recs.nobjs, r, n, verify, info)
+        if rc == -EINVAL:
+            row = rows[info.bad_record]
+            obj = r[info.bad_record].object
+            name = recs.names[obj] if obj < recs.nobjs else f"<shard {obj}>"
+            size = recs.objs[obj].size if obj < recs.nobjs else 0
+            raise ValueError(f"{name}: sample {row} at offset {r[info.bad_record].offset} "
+                             f"({r[info.bad_record].len} bytes) lies outside the shard ({size} bytes)")
+        _pc_check(rc, "page cache batch read")
+        return 0
+
+    def read_rows(self, PageCacheRecords recs, const int64_t[::1] rows, bint verify, uint8_t[::1] status,
+                  list out):
+        """Serve the stored bytes of ``rows`` (of ``recs``) from cached blocks in one call with the GIL
+        released: every block looked up, every record copied with its chunk sums checked and, if verify,
+        its XXH3-64.  out[k] becomes a bytes object for each row served; status[k] is 0 for those,
+        PC_MISS (not all its blocks cached: fetch it) or PC_MISMATCH (cached, intact, but not the record:
+        drop its blocks and fetch it).  Returns the number of distinct blocks served from."""
+        cdef Py_ssize_t k, n = rows.shape[0]
+        cdef pk_pc_record *r
+        cdef pk_pc_batch_info info
+        cdef list bufs = [None] * n
+        cdef bytes b
+        if status.shape[0] < n or len(out) < n:
+            raise ValueError("status and out need one element per row")
+        r = <pk_pc_record *>malloc((n if n else 1) * sizeof(pk_pc_record))
+        if r == NULL:
+            raise MemoryError()
+        try:
+            for k in range(n):
+                recs.fill(&r[k], rows[k])
+                b = PyBytes_FromStringAndSize(NULL, r[k].len)
+                bufs[k] = b
+                r[k].dst = <uint8_t *>PyBytes_AS_STRING(b)
+            self._read_records(recs, r, &rows[0] if n else NULL, n, verify, &info)
+            for k in range(n):
+                status[k] = <uint8_t>r[k].status
+                if r[k].status == 0:
+                    out[k] = bufs[k]
+        finally:
+            free(r)
+        return info.blocks_hit
+
+    def read_rows_into(self, PageCacheRecords recs, const int64_t[::1] rows, bint verify,
+                       uint8_t[::1] status, uint8_t[::1] buf, const uint64_t[::1] starts):
+        """read_rows(), each row's bytes written into buf at starts[k] (the caller sized buf from the
+        index).  Returns the number of distinct blocks served from."""
+        cdef Py_ssize_t k, n = rows.shape[0]
+        cdef pk_pc_record *r
+        cdef pk_pc_batch_info info
+        cdef uint64_t size = buf.shape[0]
+        if status.shape[0] < n or starts.shape[0] < n:
+            raise ValueError("status and starts need one element per row")
+        r = <pk_pc_record *>malloc((n if n else 1) * sizeof(pk_pc_record))
+        if r == NULL:
+            raise MemoryError()
+        try:
+            for k in range(n):
+                recs.fill(&r[k], rows[k])
+                if starts[k] > size or r[k].len > size - starts[k]:
+                    raise ValueError("buffer too small for the batch")
+                r[k].dst = &buf[0] + starts[k] if size else NULL
+            self._read_records(recs, r, &rows[0] if n else NULL, n, verify, &info)
+            for k in range(n):
+                status[k] = <uint8_t>r[k].status
+        finally:
+            free(r)
+        return info.blocks_hit
+
+    def read_row(self, PageCacheRecords recs, int64_t row, bint verify):
+        """The stored bytes of one row if its blocks are cached, else its status (PC_MISS / PC_MISMATCH)."""
+        cdef pk_pc_record r
+        cdef pk_pc_batch_info info
+        recs.fill(&r, row)
+        cdef bytes b = PyBytes_FromStringAndSize(NULL, r.len)
+        r.dst = <uint8_t *>PyBytes_AS_STRING(b)
+        self._read_records(recs, &r, &row, 1, verify, &info)
+        return b if r.status == 0 else r.status
 
     def copy_into(self, PageCacheTicket t, uint64_t off, uint64_t length, unsigned char[::1] dst,
                   size_t dst_off):

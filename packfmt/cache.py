@@ -190,6 +190,24 @@ class PageCache:
             results[ri] = memoryview(buf)
         return results
 
+    def read_rows(self, records, rows, verify: bool, status, out: list) -> None:
+        """Serve rows of a dataset's index (``records``: a ``_core.PageCacheRecords``) from cached blocks
+        with one call into the C core: ``out[k]`` becomes the stored bytes of ``rows[k]`` if every block
+        it needs is cached, its chunk sums and (if ``verify``) its checksum match -- ``status[k]`` is 0
+        then.  Otherwise ``status[k]`` is ``PC_MISS`` (fetch it with :meth:`read`) or ``PC_MISMATCH``
+        (the cached bytes are intact but not the record's: :meth:`invalidate` them, then fetch).
+        Nothing is claimed, fetched or waited for."""
+        self._local["hits"] += self._h().read_rows(records, rows, verify, status, out)
+
+    def read_rows_into(self, records, rows, verify: bool, status, buf, starts) -> None:
+        """:meth:`read_rows`, row ``k`` written into ``buf`` at ``starts[k]``."""
+        self._local["hits"] += self._h().read_rows_into(records, rows, verify, status, buf, starts)
+
+    def read_row(self, records, row: int, verify: bool):
+        """The stored bytes of one row if all its blocks are cached (see :meth:`read_rows`), else its
+        status (``PC_MISS`` or ``PC_MISMATCH``)."""
+        return self._h().read_row(records, row, verify)
+
     def _fetch(self, h, object_size, bs, claimed, fetch, pieces, results, multi):
         # Merge runs of consecutive blocks into one range each.
         runs: List[list] = []

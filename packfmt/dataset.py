@@ -244,6 +244,22 @@ class Dataset:
         return r
 
     @property
+    def _cache_records(self):
+        """The page cache's view of the index (``_core.PageCacheRecords``) when remote shards are read
+        through a :class:`packfmt.cache.PageCache`, else None: cached records are then served by one C
+        call per batch, and only the rest go through the fetch path."""
+        d = self.__dict__
+        if "_pc_records" not in d:
+            from packfmt.cache import PageCache
+            recs = None
+            if isinstance(self._reader.cache, PageCache):
+                m, c = self._manifest, self._cols
+                recs = _core.PageCacheRecords(m.content_id, [s.name for s in m.shards], [s.size for s in m.shards],
+                                              c["shard"], c["offset"], c["stored_len"], c["checksum"])
+            d["_pc_records"] = recs
+        return d["_pc_records"]
+
+    @property
     def _shardset(self) -> _core.ShardSet:
         ss = self.__dict__.get("_shardset")
         if ss is None:
@@ -356,7 +372,9 @@ class Dataset:
         if isinstance(i, slice):
             return self.get_batch(np.arange(*i.indices(len(self))))
         row = self._row(i)
-        if self._raw_only and not self._remote:
+        if self._raw_only:
+            if self._remote:
+                return self._remote_one(row)
             self.__dict__["_read_one"] = self._shardset.read_one
             return self._read_one(row)
         return self.get_batch([row])[0]
@@ -399,6 +417,8 @@ class Dataset:
             raise ValueError(f"alloc returned {len(view)} bytes, {total} needed")
         if self._raw_only and not self._remote:
             self._shardset.read_rows_into(rows, view, offsets[:-1].view(np.uint64))
+        elif self._raw_only:  # stored == raw: straight from the page cache into the buffer
+            self._remote_stored(rows, view, offsets[:-1].view(np.uint64))
         else:
             for k, sample in enumerate(self.get_batch(rows)):
                 view[offsets[k]:offsets[k + 1]] = sample
@@ -432,6 +452,67 @@ class Dataset:
         return self._decode(rows, buf, starts, stored)
 
     def _read_remote(self, rows: np.ndarray) -> list:
+        if self._raw_only:
+            return self._remote_stored(rows)
+        stored = self._cols["stored_len"][rows].astype(np.uint64)
+        starts = np.zeros(len(rows), dtype=np.uint64)
+        if len(rows) > 1:
+            np.cumsum(stored[:-1], out=starts[1:])
+        buf = bytearray(int(stored.sum()))
+        self._remote_stored(rows, buf, starts)
+        return self._decode(rows, buf, starts, stored)
+
+    def _remote_one(self, row: int) -> bytes:
+        recs = self._cache_records
+        if recs is not None:
+            got = self._reader.cache.read_row(recs, row, self._options["verify"])
+            if type(got) is bytes:
+                return got
+        return self._remote_stored(np.array([row], dtype=np.int64))[0]
+
+    def _remote_stored(self, rows: np.ndarray, buf=None, starts=None):
+        """The stored bytes of remote rows, each checked against its checksum (unless verify=False): a
+        list of bytes, or with ``buf``, row k written into buf at starts[k].  Through a PageCache, one C
+        call serves every row whose blocks are cached; only the others take the fetch path."""
+        n = len(rows)
+        out = [None] * n if buf is None else None
+        recs = self._cache_records
+        if recs is None:
+            groups = [(np.arange(n), True)]
+        else:
+            status = np.empty(n, dtype=np.uint8)
+            cache = self._reader.cache
+            if buf is None:
+                cache.read_rows(recs, rows, self._options["verify"], status, out)
+            else:
+                cache.read_rows_into(recs, rows, self._options["verify"], status, buf, starts)
+            todo = np.flatnonzero(status)
+            if not len(todo):
+                return out
+            bad = todo[status[todo] == _core.PC_MISMATCH]
+            if len(bad):
+                # Intact cached blocks that do not hold the record: the server sent bad bytes once and
+                # the cache kept them for every process on the node.  Drop them; the fetch below is
+                # these rows' second and last chance.
+                self._invalidate(rows[bad])
+            groups = [(todo[status[todo] == _core.PC_MISS], True), (bad, False)]
+        view = None if buf is None else memoryview(buf).cast("B")
+        for ks, retry in groups:
+            if not len(ks):
+                continue
+            pieces = self._fetch_verified(rows[ks], retry)
+            if view is None:
+                for k, p in zip(ks.tolist(), pieces):
+                    out[k] = p if type(p) is bytes else bytes(p)
+            else:
+                for k, p in zip(ks.tolist(), pieces):
+                    s = int(starts[k])
+                    view[s:s + len(p)] = p
+        return out
+
+    def _fetch_verified(self, rows: np.ndarray, retry: bool) -> list:
+        """Fetch the stored bytes of rows (through the page cache, if any) and check their checksums.
+        On a mismatch with ``retry``, drop the cached blocks of these rows and fetch them once more."""
         c = self._cols
         shard = c["shard"][rows]
         stored = c["stored_len"][rows].astype(np.uint64)
@@ -443,23 +524,26 @@ class Dataset:
             try:
                 _core.verify_buffers(pieces, checksums, names, rows, offsets)
             except CorruptShardError:
-                cache = self._reader.cache
-                if cache is None:
+                if not retry or self._reader.cache is None:
                     raise
                 # The server may have sent bad bytes once (a flaky proxy) and the page cache kept them for
-                # every process on the node: drop the blocks of this batch and fetch them once more.
-                m = self._manifest
-                for s_id in np.unique(shard).tolist():
-                    sel = shard == s_id
-                    cache.invalidate(m.content_id, m.shards[s_id].name, zip(offsets[sel].tolist(), stored[sel].tolist()))
+                # every process on the node: drop the blocks of these rows and fetch them once more.
+                self._invalidate(rows)
                 pieces = self._reader.read(shard, offsets, stored)
                 _core.verify_buffers(pieces, checksums, names, rows, offsets)
-        if self._raw_only:
-            return [bytes(p) for p in pieces]
-        starts = np.zeros(len(rows), dtype=np.uint64)
-        if len(rows) > 1:
-            np.cumsum(stored[:-1], out=starts[1:])
-        return self._decode(rows, b"".join(pieces), starts, stored)
+        return pieces
+
+    def _invalidate(self, rows: np.ndarray) -> None:
+        """Drop the cached blocks holding these rows' stored bytes."""
+        cache = self._reader.cache
+        if cache is None:
+            return
+        c, m = self._cols, self._manifest
+        shard = c["shard"][rows]
+        offsets, stored = c["offset"][rows], c["stored_len"][rows]
+        for s_id in np.unique(shard).tolist():
+            sel = shard == s_id
+            cache.invalidate(m.content_id, m.shards[s_id].name, zip(offsets[sel].tolist(), stored[sel].tolist()))
 
     def _decode(self, rows, buf, starts, stored) -> list:
         """Turn stored bytes (one buffer, record k at starts[k]) into raw samples, decompressing all the
@@ -562,6 +646,7 @@ class Dataset:
         self.__dict__.pop("_shardset", None)
         self.__dict__.pop("_read_one", None)
         self.__dict__.pop("_read_rows", None)
+        self.__dict__.pop("_pc_records", None)
         r = self.__dict__.pop("_remote_reader", None)
         if r is not None:
             r.close()

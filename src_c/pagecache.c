@@ -517,20 +517,33 @@ void pk_pc_close(pk_pagecache *pc)
 
 /* ---- keys --------------------------------------------------------------------------------- */
 
-void pk_pc_key_make(pk_pc_key *key, const char *ns, size_t ns_len, const char *obj, size_t obj_len,
-                    uint64_t block)
+void pk_pc_object_make(pk_pc_object *o, const char *ns, size_t ns_len, const char *obj, size_t obj_len,
+                       uint64_t size)
 {
     /* Hashing the namespace first and using the result as the seed of the object's hash keeps
      * ("ab", "c") and ("a", "bc") apart; two seeds give two independent 64-bit halves. */
-    uint64_t ga = pk_xxh64(obj, obj_len, pk_xxh64(ns, ns_len, 0x7061636b666d7401ull));
-    uint64_t gb = pk_xxh64(obj, obj_len, pk_xxh64(ns, ns_len, 0x9e3779b97f4a7c15ull));
+    o->seed[0] = pk_xxh64(obj, obj_len, pk_xxh64(ns, ns_len, 0x7061636b666d7401ull));
+    o->seed[1] = pk_xxh64(obj, obj_len, pk_xxh64(ns, ns_len, 0x9e3779b97f4a7c15ull));
+    o->size = size;
+}
+
+void pk_pc_object_key(const pk_pc_object *o, uint64_t block, pk_pc_key *key)
+{
     uint8_t b[8];
     int k;
     for (k = 0; k < 8; k++) b[k] = (uint8_t)(block >> (8 * k));
-    key->h[0] = pk_xxh64(b, 8, ga);
-    key->h[1] = pk_xxh64(b, 8, gb);
-    key->group = ga;
+    key->h[0] = pk_xxh64(b, 8, o->seed[0]);
+    key->h[1] = pk_xxh64(b, 8, o->seed[1]);
+    key->group = o->seed[0];
     key->block = block;
+}
+
+void pk_pc_key_make(pk_pc_key *key, const char *ns, size_t ns_len, const char *obj, size_t obj_len,
+                    uint64_t block)
+{
+    pk_pc_object o;
+    pk_pc_object_make(&o, ns, ns_len, obj, obj_len, 0);
+    pk_pc_object_key(&o, block, key);
 }
 
 int pk_pc_debug_lock(pk_pagecache *pc) { return glock(pc); }
@@ -649,11 +662,13 @@ int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const 
  * (XXH64, verified by the reader) sit on top. */
 static uint32_t chunk_sum(const void *p, uint64_t len) { return (uint32_t)pk_xxh64(p, len, 0); }
 
-/* Copy one piece out of slot data at `base`, verifying the chunks it touches against sums (indexed
- * by chunk number).  Returns nonzero if a chunk did not match; *partial is set if a chunk was
- * verified in place rather than in the caller's buffer. */
+/* Copy one piece out of slot data at `base`, verifying the chunks it touches against sums (sums[0]
+ * is the sum of the piece's first chunk, off / PK_PC_CHUNK).  Returns nonzero if a chunk did not
+ * match; *partial is set if a chunk was verified in place rather than in the caller's buffer.
+ * *checked (UINT64_MAX if none) is the last chunk verified in place under the same ticket: it is not
+ * hashed again (pieces of one block come in ascending order in batch reads), and is updated. */
 static int copy_piece(const pk_pagecache *pc, uint64_t base, uint64_t length, const uint32_t *sums,
-                      uint64_t off, uint64_t len, uint8_t *dst, int *partial)
+                      uint64_t off, uint64_t len, uint8_t *dst, int *partial, uint64_t *checked)
 {
     uint64_t c, c0 = off / PK_PC_CHUNK, c1 = (off + len - 1) / PK_PC_CHUNK;
     for (c = c0; c <= c1; c++) {
@@ -663,14 +678,17 @@ static int copy_piece(const pk_pagecache *pc, uint64_t base, uint64_t length, co
             /* A whole chunk: copy, then hash the copy -- what is verified is what the caller gets. */
             uint8_t *d = dst + (cs - off);
             memcpy(d, pc->data + base + cs, ce - cs);
-            if (chunk_sum(d, ce - cs) != sums[c]) return 1;
+            if (chunk_sum(d, ce - cs) != sums[c - c0]) return 1;
         } else {
             /* Part of a chunk: verify the whole chunk in place, then copy the part.  The slot cannot
              * be rewritten between the two unless it is first evicted, which bumps its generation:
              * the caller checks that after the copies (a seqlock read). */
             uint64_t from = cs > off ? cs : off;
             uint64_t to = ce < off + len ? ce : off + len;
-            if (chunk_sum(pc->data + base + cs, ce - cs) != sums[c]) return 1;
+            if (c != *checked) {
+                if (chunk_sum(pc->data + base + cs, ce - cs) != sums[c - c0]) return 1;
+                *checked = c;
+            }
             memcpy(dst + (from - off), pc->data + base + from, to - from);
             *partial = 1;
         }
@@ -707,8 +725,10 @@ int pk_pc_copy_pieces(pk_pagecache *pc, const pk_pc_ticket *t, const pk_pc_piece
 
     base = (uint64_t)t->slot * pc->bs;
     for (i = 0; i < n && !bad; i++) {
+        uint64_t checked = UINT64_MAX; /* pieces may come in any order: no skipping */
         if (pieces[i].len)
-            bad = copy_piece(pc, base, t->length, sums, pieces[i].off, pieces[i].len, pieces[i].dst, &partial);
+            bad = copy_piece(pc, base, t->length, sums + pieces[i].off / PK_PC_CHUNK, pieces[i].off,
+                             pieces[i].len, pieces[i].dst, &partial, &checked);
     }
     if (!bad && partial) {
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -735,6 +755,298 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
     p.len = len;
     p.dst = out;
     return pk_pc_copy_pieces(pc, t, &p, 1);
+}
+
+/* ---- batch reads -------------------------------------------------------------------------- */
+
+#define PC_BATCH_LOCK_BLOCKS 64    /* blocks looked up per trip through the index lock */
+#define PC_BATCH_LOCK_SUMS 65536u  /* chunk sums snapshotted per trip (bounds the time it is held) */
+
+/* The part of one record that lies in one block. */
+typedef struct pc_bpiece {
+    uint64_t block;  /* block number within its object */
+    uint64_t boff;   /* offset within the block */
+    uint64_t len;
+    uint8_t *dst;
+    size_t rec;      /* its record */
+    size_t sums;     /* where the sums of its chunks start in the snapshot array */
+    size_t blk;      /* its distinct block */
+    uint32_t obj;
+} pc_bpiece;
+
+/* One distinct block of a batch, and the ticket it was found with. */
+typedef struct pc_bblock {
+    pk_pc_key key;
+    int64_t slot;    /* -1: not served (absent, not READY, stale or corrupt) */
+    uint64_t gen;
+    uint64_t length; /* the block's length as the object's size implies */
+    size_t first;    /* its pieces: [first, end) of the sorted piece array */
+    size_t end;
+} pc_bblock;
+
+static int bpiece_cmp(const void *a, const void *b)
+{
+    const pc_bpiece *x = a, *y = b;
+    if (x->obj != y->obj) return x->obj < y->obj ? -1 : 1;
+    if (x->block != y->block) return x->block < y->block ? -1 : 1;
+    if (x->boff != y->boff) return x->boff < y->boff ? -1 : 1;
+    return (x->rec > y->rec) - (x->rec < y->rec);
+}
+
+static uint64_t piece_chunks(const pc_bpiece *p)
+{
+    return (p->boff + p->len - 1) / PK_PC_CHUNK - p->boff / PK_PC_CHUNK + 1;
+}
+
+/* Pieces of the records (sorted by object, block, offset), their distinct blocks with keys and
+ * lengths, and where each piece's chunk sums go.  Records are already validated. */
+static int batch_plan(const pk_pagecache *pc, const pk_pc_object *objects, const pk_pc_record *recs, size_t n,
+                      pc_bpiece *pieces, size_t np, pc_bblock *blocks, size_t *nb_out, size_t *nsums_out)
+{
+    size_t i, j = 0, k, nb = 0, nsums = 0;
+    for (k = 0; k < n; k++) {
+        const pk_pc_record *r = &recs[k];
+        uint64_t pos = r->offset, end = r->offset + r->len;
+        while (pos < end) {
+            uint64_t room = pc->bs - pos % pc->bs;
+            uint64_t take = end - pos < room ? end - pos : room;
+            pc_bpiece *p = &pieces[j++];
+            p->block = pos / pc->bs;
+            p->boff = pos % pc->bs;
+            p->len = take;
+            p->dst = r->dst + (pos - r->offset);
+            p->rec = k;
+            p->obj = r->object;
+            pos += take;
+        }
+    }
+    if (j != np) return -EINVAL; /* cannot happen: counted the same way */
+    qsort(pieces, np, sizeof *pieces, bpiece_cmp);
+    for (i = 0; i < np; i++) {
+        pc_bpiece *p = &pieces[i];
+        if (i == 0 || p->obj != pieces[i - 1].obj || p->block != pieces[i - 1].block) {
+            const pk_pc_object *o = &objects[p->obj];
+            pc_bblock *bk = &blocks[nb++];
+            uint64_t start = p->block * pc->bs; /* <= p's offset < o->size: no overflow */
+            pk_pc_object_key(o, p->block, &bk->key);
+            bk->slot = -1;
+            bk->gen = 0;
+            bk->length = o->size - start < pc->bs ? o->size - start : pc->bs;
+            bk->first = i;
+        }
+        blocks[nb - 1].end = i + 1;
+        p->blk = nb - 1;
+        p->sums = nsums;
+        nsums += (size_t)piece_chunks(p);
+    }
+    *nb_out = nb;
+    *nsums_out = nsums;
+    return 0;
+}
+
+/* Find the batch's blocks under the index lock (a trip per PC_BATCH_LOCK_BLOCKS blocks, so that the
+ * lock is only ever held for microseconds).  With sums, also snapshot the sums of the chunks each
+ * piece touches. */
+static int batch_lookup(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blocks, size_t nb, uint32_t *sums)
+{
+    size_t i = 0, j;
+    int rc;
+    while (i < nb) {
+        size_t stop = i + PC_BATCH_LOCK_BLOCKS;
+        uint64_t copied = 0;
+        if ((rc = glock(pc))) return rc;
+        for (; i < nb && i < stop && copied < PC_BATCH_LOCK_SUMS; i++) {
+            pc_bblock *bk = &blocks[i];
+            int64_t si = find(pc, bk->key.h);
+            pc_slot *s;
+            if (si < 0) continue;
+            s = slot_at(pc, (uint64_t)si);
+            if (s->state != PC_READY || s->length != bk->length) continue; /* lookup sorts these out */
+            s->ref = 1;
+            pc->h->hits++;
+            bk->slot = si;
+            bk->gen = s->gen;
+            for (j = bk->first; sums && j < bk->end; j++) {
+                uint64_t nch = piece_chunks(&pieces[j]);
+                memcpy(sums + pieces[j].sums, s->sums + pieces[j].boff / PK_PC_CHUNK, nch * sizeof(uint32_t));
+                copied += nch;
+            }
+        }
+        gunlock(pc);
+    }
+    return 0;
+}
+
+/* A block whose bytes failed their chunk sums: drop it if it is still the one looked up (then the bytes
+ * on disk are wrong), and serve nothing more from it in this batch. */
+static int batch_drop(pk_pagecache *pc, pc_bblock *bk)
+{
+    pc_slot *s = slot_at(pc, (uint64_t)bk->slot);
+    int rc = glock(pc);
+    if (rc) return rc;
+    if (s->gen == bk->gen && s->state == PC_READY) {
+        drop_ready(pc, (uint64_t)bk->slot, 1);
+        pc->h->corruptions++;
+    }
+    gunlock(pc);
+    bk->slot = -1;
+    return 0;
+}
+
+/* Whether the slot of a block still holds what was looked up (the seqlock check after lock-free reads). */
+static int batch_unchanged(pk_pagecache *pc, const pc_bblock *bk)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(&slot_at(pc, (uint64_t)bk->slot)->gen, __ATOMIC_RELAXED) == bk->gen;
+}
+
+/* Copy the pieces of every block found.  With sums (records not verified by the caller's checksums),
+ * every chunk touched is verified as pk_pc_copy() does; without, the bytes are copied as they are and
+ * the record checksums check them.  Either way a block evicted meanwhile is marked not served. */
+static int batch_copy(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blocks, size_t nb, const uint32_t *sums)
+{
+    size_t i, j;
+    int rc;
+    for (i = 0; i < nb; i++) {
+        pc_bblock *bk = &blocks[i];
+        uint64_t base, checked = UINT64_MAX;
+        int bad = 0, partial = 0;
+        if (bk->slot < 0) continue;
+        base = (uint64_t)bk->slot * pc->bs;
+        if (!sums) {
+            for (j = bk->first; j < bk->end; j++)
+                memcpy(pieces[j].dst, pc->data + base + pieces[j].boff, pieces[j].len);
+            partial = 1;
+        } else {
+            for (j = bk->first; j < bk->end && !bad; j++)
+                bad = copy_piece(pc, base, bk->length, sums + pieces[j].sums, pieces[j].boff, pieces[j].len,
+                                 pieces[j].dst, &partial, &checked);
+        }
+        if (bad) {
+            if ((rc = batch_drop(pc, bk))) return rc;
+        } else if (partial && !batch_unchanged(pc, bk)) {
+            bk->slot = -1;
+        }
+    }
+    return 0;
+}
+
+/* A record whose copy failed its checksum although its blocks were served: were the cached bytes bad
+ * (bit rot, a torn write) or did the server send them so?  Verify the chunks of the record's pieces in
+ * place.  Returns PK_PC_MISS if a block changed meanwhile or failed its chunk sums (and was dropped),
+ * PK_PC_MISMATCH if the cache holds exactly what was published, or -errno. */
+static int batch_classify(pk_pagecache *pc, const pc_bpiece *pieces, size_t np, pc_bblock *blocks, size_t rec)
+{
+    uint32_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK]; /* 16 KiB at most */
+    size_t i;
+    int rc;
+    for (i = 0; i < np; i++) {
+        const pc_bpiece *p = &pieces[i];
+        pc_bblock *bk = &blocks[p->blk];
+        pc_slot *s;
+        uint64_t c, c0 = p->boff / PK_PC_CHUNK, c1 = (p->boff + p->len - 1) / PK_PC_CHUNK;
+        int bad = 0;
+        if (p->rec != rec) continue;
+        if (bk->slot < 0) return PK_PC_MISS; /* dropped by another record of this batch */
+        s = slot_at(pc, (uint64_t)bk->slot);
+        if ((rc = glock(pc))) return rc;
+        if (s->gen != bk->gen || s->state != PC_READY) {
+            gunlock(pc);
+            bk->slot = -1;
+            return PK_PC_MISS;
+        }
+        memcpy(sums, s->sums + c0, (c1 - c0 + 1) * sizeof(uint32_t));
+        gunlock(pc);
+        for (c = c0; c <= c1 && !bad; c++) {
+            uint64_t cs = c * PK_PC_CHUNK;
+            uint64_t ce = cs + PK_PC_CHUNK < bk->length ? cs + PK_PC_CHUNK : bk->length;
+            bad = chunk_sum(pc->data + (uint64_t)bk->slot * pc->bs + cs, ce - cs) != sums[c - c0];
+        }
+        if (bad) {
+            if ((rc = batch_drop(pc, bk))) return rc;
+            return PK_PC_MISS;
+        }
+        if (!batch_unchanged(pc, bk)) {
+            bk->slot = -1;
+            return PK_PC_MISS;
+        }
+    }
+    return PK_PC_MISMATCH;
+}
+
+int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nobjects, pk_pc_record *recs,
+                       size_t n, int verify, pk_pc_batch_info *info)
+{
+    static const uint8_t empty[1] = {0};
+    pc_bpiece *pieces = NULL;
+    pc_bblock *blocks = NULL;
+    uint32_t *sums = NULL;
+    size_t np = 0, nb = 0, nsums = 0, i, k;
+    int rc = 0;
+
+    memset(info, 0, sizeof *info);
+    for (k = 0; k < n; k++) { /* validate everything before touching anything */
+        pk_pc_record *r = &recs[k];
+        const pk_pc_object *o = r->object < nobjects ? &objects[r->object] : NULL;
+        uint64_t cnt;
+        r->status = PK_PC_OK;
+        if (!o || r->offset > o->size || r->len > o->size - r->offset || (r->len && !r->dst)) {
+            info->bad_record = k;
+            return -EINVAL;
+        }
+        if (!r->len) continue;
+        cnt = (r->offset + r->len - 1) / pc->bs - r->offset / pc->bs + 1;
+        if (cnt > SIZE_MAX / sizeof(pc_bpiece) - np) return -ENOMEM;
+        np += (size_t)cnt;
+    }
+    if (np) {
+        pieces = malloc(np * sizeof *pieces);
+        blocks = malloc(np * sizeof *blocks); /* at most one distinct block per piece */
+        if (!pieces || !blocks) {
+            rc = -ENOMEM;
+            goto out;
+        }
+        if ((rc = batch_plan(pc, objects, recs, n, pieces, np, blocks, &nb, &nsums))) goto out;
+        if (!verify) { /* the chunk sums are the only check: snapshot them with the lookups */
+            sums = malloc((nsums ? nsums : 1) * sizeof *sums);
+            if (!sums) {
+                rc = -ENOMEM;
+                goto out;
+            }
+        }
+        if ((rc = batch_lookup(pc, pieces, blocks, nb, sums))) goto out;
+        if ((rc = batch_copy(pc, pieces, blocks, nb, sums))) goto out;
+        for (i = 0; i < np; i++)
+            if (blocks[pieces[i].blk].slot < 0) recs[pieces[i].rec].status = PK_PC_MISS;
+    }
+    for (k = 0; k < n; k++) {
+        pk_pc_record *r = &recs[k];
+        if (r->status == PK_PC_MISS || !verify) continue;
+        if (pk_xxh3_64(r->len ? r->dst : empty, r->len) == r->checksum) continue;
+        if (!r->len) { /* nothing read: the index's checksum is wrong, not the cache */
+            r->status = PK_PC_MISMATCH;
+            continue;
+        }
+        rc = batch_classify(pc, pieces, np, blocks, k);
+        if (rc < 0) goto out;
+        r->status = rc;
+        rc = 0;
+    }
+    for (k = 0; k < n; k++) {
+        if (recs[k].status == PK_PC_MISS) info->missed++;
+        if (recs[k].status == PK_PC_MISMATCH) info->mismatched++;
+    }
+    for (i = 0; i < nb; i++) {
+        if (blocks[i].slot < 0)
+            info->blocks_missed++;
+        else
+            info->blocks_hit++;
+    }
+out:
+    free(pieces);
+    free(blocks);
+    free(sums);
+    return rc;
 }
 
 /* ---- fetch completion --------------------------------------------------------------------- */

@@ -46,7 +46,11 @@ enum {
     PK_PC_NOSPACE = 4,  /* lookup: every slot is being fetched; fetch without caching */
     PK_PC_STALE = 5,    /* copy: the slot changed under the reader; look up again */
     PK_PC_CORRUPT = 6,  /* copy: the cached bytes failed their checksum; the slot was dropped */
-    PK_PC_TIMEDOUT = 7  /* wait: still being fetched; call again */
+    PK_PC_TIMEDOUT = 7, /* wait: still being fetched; call again */
+    PK_PC_MISS = 8,     /* read_records: a block of the record is not cached (absent, being fetched,
+                         * or evicted or found corrupt during the call); fetch it the slow way */
+    PK_PC_MISMATCH = 9  /* read_records: the cached bytes are intact (chunk sums match) but are not
+                         * the record (its checksum differs): the server sent bad bytes once */
 };
 
 /* Open flags. */
@@ -131,6 +135,55 @@ typedef struct pk_pc_piece {
 /* pk_pc_copy() for n pieces of one block, with one trip through the index lock.  On PK_PC_STALE or
  * PK_PC_CORRUPT the contents of every dst are undefined. */
 int pk_pc_copy_pieces(pk_pagecache *pc, const pk_pc_ticket *t, const pk_pc_piece *pieces, size_t n);
+
+/* ---- batch reads: many records of many objects in one call ------------------------------- */
+
+/* One object (e.g. a shard) as batch reads see it: the seeds of its block keys and its size. */
+typedef struct pk_pc_object {
+    uint64_t seed[2];  /* hashes of (namespace, object name); pk_pc_object_key() derives block keys */
+    uint64_t size;     /* object size in bytes: bounds every record, gives the last block's length */
+} pk_pc_object;
+
+/* Describe object `obj` of namespace `ns`, `size` bytes long.  Its block keys are the ones
+ * pk_pc_key_make() builds, so batch reads and lookups share the cached blocks. */
+void pk_pc_object_make(pk_pc_object *o, const char *ns, size_t ns_len, const char *obj, size_t obj_len,
+                       uint64_t size);
+void pk_pc_object_key(const pk_pc_object *o, uint64_t block, pk_pc_key *key);
+
+/* One record to read: bytes [offset, offset+len) of objects[object], into dst. */
+typedef struct pk_pc_record {
+    uint64_t offset;
+    uint64_t len;
+    uint64_t checksum;  /* XXH3-64 of the record's bytes, checked when verify is set */
+    uint8_t *dst;       /* len bytes */
+    uint32_t object;    /* index into the objects array */
+    int32_t status;     /* out: PK_PC_OK (copied and verified), PK_PC_MISS or PK_PC_MISMATCH */
+} pk_pc_record;
+
+/* What a batch read did. */
+typedef struct pk_pc_batch_info {
+    size_t missed;         /* records left PK_PC_MISS */
+    size_t mismatched;     /* records left PK_PC_MISMATCH */
+    size_t blocks_hit;     /* distinct cached blocks served from */
+    size_t blocks_missed;  /* distinct blocks not served: absent, being fetched, evicted or corrupt */
+    size_t bad_record;     /* on -EINVAL: the first record outside its object (or naming none) */
+} pk_pc_batch_info;
+
+/* Serve every record whose blocks are all cached, in one call: look the batch's blocks up (one trip
+ * through the index lock per 64 blocks; nothing claimed, nothing waited for), copy each record into its
+ * dst, and re-check each block's generation after the copy (an eviction meanwhile makes its records
+ * PK_PC_MISS).  What guards the bytes served:
+ *   - verify != 0: each record's own XXH3-64, computed over its dst -- exactly the bytes handed back.
+ *     When it fails, the chunk sums of the record's chunks are checked in place: a mismatch there is
+ *     a corrupt cached block (dropped, counted in corruptions; the record PK_PC_MISS), otherwise the
+ *     cache holds what the server sent and the record is PK_PC_MISMATCH.
+ *   - verify == 0: the chunk sums of every chunk touched, as pk_pc_copy() checks them; a block that
+ *     fails them is dropped and its records left PK_PC_MISS.
+ * Records whose blocks are not all READY are left PK_PC_MISS, for the caller to fetch through
+ * lookup/publish.  The dst of a record not PK_PC_OK holds undefined bytes.
+ * Returns 0, -EINVAL (a record outside its object; info->bad_record says which), -ENOMEM or -errno. */
+int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nobjects, pk_pc_record *recs,
+                       size_t n, int verify, pk_pc_batch_info *info);
 
 /* Store the fetched block (exactly t->length bytes) and make it visible; wakes waiters.  Must be
  * called by the thread that claimed it.  On failure (disk full, ...) the claim is aborted. */

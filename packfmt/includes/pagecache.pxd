@@ -1,5 +1,5 @@
 # Mirror of src_c/pagecache.h.
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 cdef extern from "pagecache.h" nogil:
     enum:
@@ -21,6 +21,8 @@ cdef extern from "pagecache.h" nogil:
         PK_PC_STALE
         PK_PC_CORRUPT
         PK_PC_TIMEDOUT
+        PK_PC_MISS
+        PK_PC_MISMATCH
 
     ctypedef struct pk_pagecache:
         pass
@@ -72,6 +74,31 @@ cdef extern from "pagecache.h" nogil:
         void *dst
 
     int pk_pc_copy_pieces(pk_pagecache *pc, const pk_pc_ticket *t, const pk_pc_piece *pieces, size_t n)
+    ctypedef struct pk_pc_object:
+        uint64_t seed[2]
+        uint64_t size
+
+    void pk_pc_object_make(pk_pc_object *o, const char *ns, size_t ns_len, const char *obj, size_t obj_len,
+                           uint64_t size)
+    void pk_pc_object_key(const pk_pc_object *o, uint64_t block, pk_pc_key *key)
+
+    ctypedef struct pk_pc_record:
+        uint64_t offset
+        uint64_t len
+        uint64_t checksum
+        uint8_t *dst
+        uint32_t object
+        int32_t status
+
+    ctypedef struct pk_pc_batch_info:
+        size_t missed
+        size_t mismatched
+        size_t blocks_hit
+        size_t blocks_missed
+        size_t bad_record
+
+    int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nobjects, pk_pc_record *recs,
+                           size_t n, int verify, pk_pc_batch_info *info)
     int pk_pc_publish(pk_pagecache *pc, const pk_pc_ticket *t, const void *data, uint64_t len)
     int pk_pc_abort(pk_pagecache *pc, const pk_pc_ticket *t)
     int pk_pc_wait(pk_pagecache *pc, const pk_pc_ticket *t, int timeout_ms)

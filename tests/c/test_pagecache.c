@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "checksum.h"
 #include "pagecache.h"
 
 #define CHECK(cond)                                                                      \
@@ -461,8 +462,155 @@ static void test_garbage_index(void)
     CHECK(pk_pc_open(dir, 32 * BS, BS, 0, &pc) == 0);
     for (b = 0; b < 40; b++) read_block(pc, "n", b % 12, BS, 0, NULL); /* verifies every byte */
     CHECK(pk_pc_stats(pc, &st) == 0);
+    { /* batch reads over the repaired index: whatever is served is right */
+        static uint8_t want[BS], got[12][BS];
+        pk_pc_object o;
+        pk_pc_record r[12];
+        pk_pc_batch_info info;
+        pk_pc_object_make(&o, "n", 1, "obj", 3, 12 * BS);
+        for (i = 0; i < 12; i++) {
+            fill(want, BS, i, 0);
+            r[i].object = 0;
+            r[i].offset = i * BS;
+            r[i].len = BS;
+            r[i].checksum = pk_xxh3_64(want, BS);
+            r[i].dst = got[i];
+        }
+        CHECK(pk_pc_read_records(pc, &o, 1, r, 12, (int)(b & 1), &info) == 0);
+        for (i = 0; i < 12; i++) {
+            fill(want, BS, i, 0);
+            CHECK(r[i].status == PK_PC_MISS || (r[i].status == PK_PC_OK && memcmp(got[i], want, BS) == 0));
+        }
+    }
     pk_pc_close(pc);
     printf("ok garbage_index\n");
+}
+
+/* Publish block b of an object described by o whose bytes are obj (o->size of them). */
+static void publish_block(pk_pagecache *pc, const pk_pc_object *o, const uint8_t *obj, uint64_t b)
+{
+    pk_pc_key k;
+    pk_pc_ticket t;
+    uint64_t len = o->size - b * BS < BS ? o->size - b * BS : BS;
+    pk_pc_object_key(o, b, &k);
+    CHECK(pk_pc_lookup(pc, &k, len, "", 0, &t) == PK_PC_CLAIMED);
+    CHECK(pk_pc_publish(pc, &t, obj + b * BS, len) == 0);
+}
+
+static void set_record(pk_pc_record *r, uint32_t object, const uint8_t *obj, uint64_t off, uint64_t len, uint8_t *dst)
+{
+    r->object = object;
+    r->offset = off;
+    r->len = len;
+    r->checksum = pk_xxh3_64(obj + off, len);
+    r->dst = dst;
+    r->status = -1;
+}
+
+/* Batch reads: records across objects and blocks, partial hits, corruption, malformed records. */
+static void test_read_records(void)
+{
+    const char *dir = newdir("records");
+    enum { NOBJ = 2, NREC = 9 };
+    static uint8_t objs[NOBJ][4 * BS + 1000], out[NREC][3 * BS];
+    uint64_t sizes[NOBJ] = {4 * BS + 1000, 2 * BS};
+    pk_pc_object o[NOBJ];
+    pk_pc_record r[NREC];
+    pk_pc_batch_info info;
+    pk_pc_counters st;
+    pk_pc_key k1, k2;
+    pk_pagecache *pc;
+    char path[4300];
+    uint64_t off = 0, len = 0, b;
+    int i, fd;
+
+    CHECK(pk_pc_open(dir, 64 * BS, BS, 0, &pc) == 0);
+    for (i = 0; i < NOBJ; i++) {
+        fill(objs[i], sizes[i], 100 + (uint64_t)i, 7);
+        pk_pc_object_make(&o[i], "ns", 2, i ? "o1" : "o0", 2, sizes[i]);
+    }
+    /* the same keys as pk_pc_key_make */
+    pk_pc_object_key(&o[1], 3, &k1);
+    key(&k2, "ns", "o1", 3);
+    CHECK(memcmp(&k1, &k2, sizeof k1) == 0);
+
+    for (b = 0; b < 5; b++) publish_block(pc, &o[0], objs[0], b); /* the last block is 1000 bytes */
+    publish_block(pc, &o[1], objs[1], 1);                          /* o1's block 0 is not cached */
+    set_record(&r[0], 0, objs[0], 10, 100, out[0]);                /* within a block */
+    set_record(&r[1], 0, objs[0], BS - 50, 3000, out[1]);          /* across two blocks */
+    set_record(&r[2], 0, objs[0], 100, 2 * BS + 7, out[2]);        /* three blocks */
+    set_record(&r[3], 0, objs[0], 4 * BS + 900, 100, out[3]);      /* the end of the short last block */
+    set_record(&r[4], 1, objs[1], BS + 4000, 200, out[4]);         /* o1, cached */
+    set_record(&r[5], 1, objs[1], BS - 10, 20, out[5]);            /* o1, half in the missing block */
+    set_record(&r[6], 0, objs[0], 4 * BS + 1000, 0, out[6]);       /* empty, at the very end */
+    set_record(&r[7], 0, objs[0], 10, 100, out[7]);                /* a repeat */
+    set_record(&r[8], 1, objs[1], 5, 10, out[8]);                  /* o1, missing block */
+    for (i = 0; i < 2; i++) { /* verified by record checksums, then by chunk sums */
+        int j;
+        memset(out, 0, sizeof out);
+        CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, i == 0, &info) == 0);
+        for (j = 0; j < NREC; j++) {
+            int missing = j == 5 || j == 8;
+            CHECK(r[j].status == (missing ? PK_PC_MISS : PK_PC_OK));
+            if (!missing) CHECK(memcmp(out[j], objs[r[j].object] + r[j].offset, r[j].len) == 0);
+        }
+        CHECK(info.missed == 2 && info.mismatched == 0 && info.blocks_hit == 5 && info.blocks_missed == 1);
+    }
+    /* a record whose checksum the cache cannot match: the cached bytes are intact, so MISMATCH */
+    r[4].checksum ^= 1;
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == 0);
+    CHECK(r[4].status == PK_PC_MISMATCH && info.mismatched == 1 && r[0].status == PK_PC_OK);
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 0, &info) == 0); /* not verified: served */
+    CHECK(r[4].status == PK_PC_OK && info.mismatched == 0);
+    r[4].checksum ^= 1;
+
+    /* malformed records are refused before anything is read */
+    r[3].len = 101;
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == -EINVAL && info.bad_record == 3);
+    r[3].len = 100;
+    r[6].offset = UINT64_MAX;
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == -EINVAL && info.bad_record == 6);
+    r[6].offset = 4 * BS + 1000;
+    r[2].object = NOBJ;
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == -EINVAL && info.bad_record == 2);
+    r[2].object = 0;
+    r[1].dst = NULL;
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == -EINVAL && info.bad_record == 1);
+    r[1].dst = out[1];
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, 0, 1, &info) == 0 && info.blocks_hit == 0);
+
+    /* a flipped byte on disk in block 2 of o0 (read by record 2 only), then in block 0 */
+    pk_pc_object_key(&o[0], 2, &k1);
+    CHECK(pk_pc_locate(pc, &k1, &off, &len) == PK_PC_READY && len == BS);
+    snprintf(path, sizeof path, "%s/pagecache.data", dir);
+    fd = open(path, O_RDWR);
+    CHECK(fd >= 0);
+    CHECK(pwrite(fd, "X", 1, (off_t)(off + 33)) == 1);
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == 0);
+    CHECK(r[2].status == PK_PC_MISS && r[0].status == PK_PC_OK && r[1].status == PK_PC_OK);
+    CHECK(pk_pc_locate(pc, &k1, &off, &len) == 0); /* dropped */
+    CHECK(pk_pc_stats(pc, &st) == 0 && st.corruptions == 1);
+    publish_block(pc, &o[0], objs[0], 2);
+    pk_pc_object_key(&o[0], 0, &k1);
+    CHECK(pk_pc_locate(pc, &k1, &off, &len) == PK_PC_READY);
+    CHECK(pwrite(fd, "X", 1, (off_t)(off + BS - 1)) == 1); /* a chunk only record 2 touches */
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 0, &info) == 0); /* caught by the chunk sums: */
+    CHECK(r[2].status == PK_PC_MISS && r[1].status == PK_PC_MISS && r[0].status == PK_PC_MISS); /* whole block */
+    CHECK(r[4].status == PK_PC_OK && r[3].status == PK_PC_OK);
+    CHECK(pk_pc_locate(pc, &k1, &off, &len) == 0);
+    CHECK(pk_pc_stats(pc, &st) == 0 && st.corruptions == 2);
+    close(fd);
+    publish_block(pc, &o[0], objs[0], 0);
+    memset(out, 0, sizeof out);
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == 0);
+    CHECK(r[2].status == PK_PC_OK && memcmp(out[2], objs[0] + 100, 2 * BS + 7) == 0);
+
+    /* a cache that holds no block at all */
+    CHECK(pk_pc_clear(pc) == 0);
+    CHECK(pk_pc_read_records(pc, o, NOBJ, r, NREC, 1, &info) == 0);
+    CHECK(info.missed == NREC - 1 && r[6].status == PK_PC_OK && info.blocks_hit == 0);
+    pk_pc_close(pc);
+    printf("ok read_records\n");
 }
 
 /* Capacity too small for even one block: every lookup says fetch without caching. */
@@ -496,6 +644,7 @@ int main(int argc, char **argv)
     test_kill_lock_holder();
     test_reopen();
     test_garbage_index();
+    test_read_records();
     test_tiny();
     printf("all ok\n");
     return 0;
