@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/remote.py [--n 100000] [--latency 0.02] [--workers 2] [--batch 256]
-                                [--cache /tmp/packfmt-bench] [--out docs/benchmarks.md]
+                                [--repeat 5] [--cache /tmp/packfmt-bench] [--out docs/benchmarks.md]
 
 Starts moto's standalone S3 server on 127.0.0.1 and, in front of it, the fault-injecting proxy of
 ``tests/conftest_servers.py`` adding ``--latency`` seconds to every request (a stand-in for a real
@@ -23,7 +23,8 @@ The dataset: ``--n`` samples of 256 B - 2 KiB (random bytes, so nothing compress
 * against the same data as loose objects, one GET per sample (a map-style dataset whose
   ``__getitem__`` does ``get_object``), on ``--loose-n`` objects (uploading 100k objects to moto
   would take minutes; per-sample figures do not depend on the count);
-* and the local-disk epoch of the same dataset (the warm page cache target: within 2x).
+* and the local-disk epochs of the same dataset (the warm page cache target: within 2x), alternating
+  with the warm epochs, ``--repeat`` pairs; medians reported (an epoch lasts a tenth of a second).
 
 Figures: requests per sample, bytes fetched / dataset bytes, samples/s.
 """
@@ -152,6 +153,8 @@ def main():
     ap.add_argument("--block-size", type=int, default=1 << 20, help="page cache block size (default 1 MiB)")
     ap.add_argument("--uncached-n", type=int, default=4096, help="samples run without a page cache (global)")
     ap.add_argument("--loose-n", type=int, default=2000, help="loose objects uploaded and read")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="warm and local-disk epochs, alternating; the table gives medians (default 5)")
     ap.add_argument("--cache", default="/tmp/packfmt-bench")
     ap.add_argument("--out", action="append", default=[], metavar="MD",
                     help="also write the table into this markdown file's 'remote' section (repeatable)")
@@ -185,7 +188,7 @@ def main():
         proxy.latency = args.latency
         rows = []
 
-        def measure(name, epoch_fn, samples_expected, note="", latency=args.latency):
+        def measure(name, epoch_fn, samples_expected, note="", latency=args.latency, record=True):
             proxy.reset()
             proxy.latency = latency
             count, nbytes, dt = epoch_fn()
@@ -196,10 +199,22 @@ def main():
             fetched = sum(e.sent for e in data_gets)
             row = dict(name=name, samples=count, rate=count / dt, req=len(data_gets) / count,
                        opens=opens, ratio=fetched / (payload * count / args.n), secs=dt, note=note)
-            rows.append(row)
+            if record:
+                rows.append(row)
             log(f"{name}: {count / dt:,.0f} samples/s, {len(data_gets)} GETs "
                 f"(1 per {count / max(1, len(data_gets)):.0f} samples), fetched {fetched / 2**20:.1f} MiB "
                 f"({row['ratio']:.2f}x), {dt:.1f} s")
+            return row
+
+        def median_row(name, runs, note=""):
+            """One table row for repeated epochs: the median rate, request and byte figures summed."""
+            rates = sorted(r["rate"] for r in runs)
+            count = sum(r["samples"] for r in runs)
+            row = dict(name=name, samples=runs[0]["samples"], rate=float(np.median(rates)),
+                       req=sum(r["req"] * r["samples"] for r in runs) / count,
+                       ratio=sum(r["ratio"] * r["samples"] for r in runs) / count, note=note,
+                       spread=f"{rates[0]:,.0f}-{rates[-1]:,.0f}")
+            rows.append(row)
             return row
 
         # Samples per page-cache block: the locality-aware shuffle reads blocks of that many neighbours.
@@ -227,20 +242,30 @@ def main():
             shutil.rmtree(cdir, ignore_errors=True)
             return PageCache(cdir, capacity=capacity, block_size=args.block_size)
 
-        # local disk: the target of the warm epoch (second epoch of a persistent loader)
-        local = {}
-        for mode in ("global", "block"):
-            ep = epochs(ds_dir, mode)
-            ep()
-            local[mode] = measure(f"local disk, {mode}, epoch 2", ep, args.n, latency=0)
-        # S3 through a page cache larger than the dataset: epoch 1 cold, epoch 2 warm
+        # S3 through a page cache larger than the dataset: epoch 1 cold, then warm epochs, alternating with
+        # epochs of a persistent loader over the local copy (the target of the warm epoch: within 2x).  An
+        # epoch takes a tenth of a second, so one pair is at the mercy of the machine's other jobs: the
+        # table gives the medians of --repeat alternating pairs, and the spread.
         big = 2 * stored + (64 << 20)
+        R = args.repeat
         for mode in ("global", "block", "none"):
             ep = epochs(url, mode, open_kwargs=dict(storage_options=opts, cache=fresh_cache(mode, big)))
             measure(f"S3 {mode}, page cache cold (epoch 1)", ep, args.n, note="includes opening in each worker")
-            r = measure(f"S3 {mode}, page cache warm (epoch 2)", ep, args.n)
-            if mode in local:
-                r["note"] = f"{r['rate'] / local[mode]['rate']:.2f}x the local-disk epoch's samples/s"
+            if mode == "none":
+                warm = [measure(f"S3 {mode}, page cache warm", ep, args.n, record=False) for _ in range(R)]
+                median_row(f"S3 {mode}, page cache warm (epochs 2-{R + 1}, median)", warm)
+                continue
+            lep = epochs(ds_dir, mode)
+            lep()  # epoch 1: workers start and open the shards
+            local, warm = [], []
+            for _ in range(R):
+                local.append(measure(f"local disk, {mode}", lep, args.n, latency=0, record=False))
+                warm.append(measure(f"S3 {mode}, page cache warm", ep, args.n, record=False))
+            lrow = median_row(f"local disk, {mode} (epochs 2-{R + 1}, median)", local)
+            wrow = median_row(f"S3 {mode}, page cache warm (epochs 2-{R + 1}, median)", warm)
+            pair = sorted(w["rate"] / lo["rate"] for w, lo in zip(warm, local))
+            wrow["note"] = (f"{wrow['rate'] / lrow['rate']:.2f}x the local-disk median "
+                            f"(pairs: {pair[0]:.2f}-{pair[-1]:.2f}x)")
         # a page cache holding a quarter of the dataset: locality decides what is fetched again
         # (a shuffle-block window spans about window x 2 cache blocks per worker: that must fit)
         small = stored // 4
@@ -276,23 +301,26 @@ def main():
         r["vs"] = r["rate"] / base["rate"]
     table = markdown_table(
         ["run", "samples", "GETs / sample", "samples / GET", "bytes fetched / dataset bytes", "samples/s",
-         "vs loose objects", "note"],
+         "samples/s, min-max", "vs loose objects", "note"],
         [[r["name"], f"{r['samples']:,}", f"{r['req']:.4f}", f"{1 / r['req']:.0f}" if r["req"] else "-",
-          f"{r['ratio']:.3f}", f"{r['rate']:,.0f}", f"{r['vs']:.1f}x", r["note"]] for r in rows],
-        align="lrrrrrrl")
+          f"{r['ratio']:.3f}", f"{r['rate']:,.0f}", r.get("spread", ""), f"{r['vs']:.1f}x", r["note"]]
+         for r in rows],
+        align="lrrrrrrrl")
     intro = (f"{args.n:,} samples of 256 B-2 KiB ({payload / 2**20:.0f} MiB of samples, {stored / 2**20:.0f} MiB "
              f"stored in {len(local_ds.shards)} shards of 4 MiB), read from moto's S3 server on 127.0.0.1 through a "
              f"proxy adding {args.latency * 1000:.0f} ms to every request; one epoch through "
              f"`DataLoader(num_workers={W}, persistent_workers=True)` with batches of {B}; page cache blocks of "
              f"{args.block_size >> 10} KiB; `block` mode shuffles blocks of {per_block} neighbouring samples "
-             f"(about one cache block) in windows of 16 blocks unless noted. GETs and bytes are counted at the proxy (all workers), without "
+             f"(about one cache block) in windows of 16 blocks unless noted. Warm and local-disk rows: the median of "
+             f"{args.repeat} epochs, a local-disk epoch and a warm one alternating (\"pairs\": the range of the "
+             f"{args.repeat} warm/local ratios). GETs and bytes are counted at the proxy (all workers), without "
              f"the 2 GETs (manifest, index) each process spends to open the dataset. "
              f"Machine: {describe_machine(info)}.")
     print(intro)
     print(table)
     body = intro + "\n\n" + table + (
         f"\n\nCommand: `python benchmarks/remote.py --n {args.n} --latency {args.latency} --workers {W} "
-        f"--batch {B}`\n")
+        f"--batch {B} --repeat {R}`\n")
     for path in args.out:
         update_markdown_section(path, "remote", "Remote reads from S3 (benchmarks/remote.py)", body)
 
