@@ -662,13 +662,11 @@ int pk_pc_lookup(pk_pagecache *pc, const pk_pc_key *key, uint64_t length, const 
  * (XXH64, verified by the reader) sit on top. */
 static uint32_t chunk_sum(const void *p, uint64_t len) { return (uint32_t)pk_xxh64(p, len, 0); }
 
-/* Copy one piece out of slot data at `base`, verifying the chunks it touches against sums (sums[0]
- * is the sum of the piece's first chunk, off / PK_PC_CHUNK).  Returns nonzero if a chunk did not
- * match; *partial is set if a chunk was verified in place rather than in the caller's buffer.
- * *checked (UINT64_MAX if none) is the last chunk verified in place under the same ticket: it is not
- * hashed again (pieces of one block come in ascending order in batch reads), and is updated. */
+/* Copy one piece out of slot data at `base`, verifying the chunks it touches against sums (indexed
+ * by chunk number).  Returns nonzero if a chunk did not match; *partial is set if a chunk was
+ * verified in place rather than in the caller's buffer. */
 static int copy_piece(const pk_pagecache *pc, uint64_t base, uint64_t length, const uint32_t *sums,
-                      uint64_t off, uint64_t len, uint8_t *dst, int *partial, uint64_t *checked)
+                      uint64_t off, uint64_t len, uint8_t *dst, int *partial)
 {
     uint64_t c, c0 = off / PK_PC_CHUNK, c1 = (off + len - 1) / PK_PC_CHUNK;
     for (c = c0; c <= c1; c++) {
@@ -678,17 +676,14 @@ static int copy_piece(const pk_pagecache *pc, uint64_t base, uint64_t length, co
             /* A whole chunk: copy, then hash the copy -- what is verified is what the caller gets. */
             uint8_t *d = dst + (cs - off);
             memcpy(d, pc->data + base + cs, ce - cs);
-            if (chunk_sum(d, ce - cs) != sums[c - c0]) return 1;
+            if (chunk_sum(d, ce - cs) != sums[c]) return 1;
         } else {
             /* Part of a chunk: verify the whole chunk in place, then copy the part.  The slot cannot
              * be rewritten between the two unless it is first evicted, which bumps its generation:
              * the caller checks that after the copies (a seqlock read). */
             uint64_t from = cs > off ? cs : off;
             uint64_t to = ce < off + len ? ce : off + len;
-            if (c != *checked) {
-                if (chunk_sum(pc->data + base + cs, ce - cs) != sums[c - c0]) return 1;
-                *checked = c;
-            }
+            if (chunk_sum(pc->data + base + cs, ce - cs) != sums[c]) return 1;
             memcpy(dst + (from - off), pc->data + base + from, to - from);
             *partial = 1;
         }
@@ -725,10 +720,8 @@ int pk_pc_copy_pieces(pk_pagecache *pc, const pk_pc_ticket *t, const pk_pc_piece
 
     base = (uint64_t)t->slot * pc->bs;
     for (i = 0; i < n && !bad; i++) {
-        uint64_t checked = UINT64_MAX; /* pieces may come in any order: no skipping */
         if (pieces[i].len)
-            bad = copy_piece(pc, base, t->length, sums + pieces[i].off / PK_PC_CHUNK, pieces[i].off,
-                             pieces[i].len, pieces[i].dst, &partial, &checked);
+            bad = copy_piece(pc, base, t->length, sums, pieces[i].off, pieces[i].len, pieces[i].dst, &partial);
     }
     if (!bad && partial) {
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
@@ -759,8 +752,7 @@ int pk_pc_copy(pk_pagecache *pc, const pk_pc_ticket *t, uint64_t off, uint64_t l
 
 /* ---- batch reads -------------------------------------------------------------------------- */
 
-#define PC_BATCH_LOCK_BLOCKS 64    /* blocks looked up per trip through the index lock */
-#define PC_BATCH_LOCK_SUMS 65536u  /* chunk sums snapshotted per trip (bounds the time it is held) */
+#define PC_BATCH_LOCK_BLOCKS 64 /* blocks looked up per trip through the index lock */
 
 /* The part of one record that lies in one block. */
 typedef struct pc_bpiece {
@@ -769,7 +761,6 @@ typedef struct pc_bpiece {
     uint64_t len;
     uint8_t *dst;
     size_t rec;      /* its record */
-    size_t sums;     /* where the sums of its chunks start in the snapshot array */
     size_t blk;      /* its distinct block */
     uint32_t obj;
 } pc_bpiece;
@@ -777,7 +768,7 @@ typedef struct pc_bpiece {
 /* One distinct block of a batch, and the ticket it was found with. */
 typedef struct pc_bblock {
     pk_pc_key key;
-    int64_t slot;    /* -1: not served (absent, not READY, stale or corrupt) */
+    int64_t slot;    /* -1: not served (absent, not READY, evicted meanwhile or corrupt) */
     uint64_t gen;
     uint64_t length; /* the block's length as the object's size implies */
     size_t first;    /* its pieces: [first, end) of the sorted piece array */
@@ -793,21 +784,16 @@ static int bpiece_cmp(const void *a, const void *b)
     return (x->rec > y->rec) - (x->rec < y->rec);
 }
 
-static uint64_t piece_chunks(const pc_bpiece *p)
+/* Pieces of the records (sorted by object, block, offset) and their distinct blocks, with keys and
+ * lengths.  Records are already validated. */
+static void batch_plan(const pk_pagecache *pc, const pk_pc_object *objects, const pk_pc_record *recs, size_t n,
+                       pc_bpiece *pieces, size_t np, pc_bblock *blocks, size_t *nb_out)
 {
-    return (p->boff + p->len - 1) / PK_PC_CHUNK - p->boff / PK_PC_CHUNK + 1;
-}
-
-/* Pieces of the records (sorted by object, block, offset), their distinct blocks with keys and
- * lengths, and where each piece's chunk sums go.  Records are already validated. */
-static int batch_plan(const pk_pagecache *pc, const pk_pc_object *objects, const pk_pc_record *recs, size_t n,
-                      pc_bpiece *pieces, size_t np, pc_bblock *blocks, size_t *nb_out, size_t *nsums_out)
-{
-    size_t i, j = 0, k, nb = 0, nsums = 0;
+    size_t i, j = 0, k, nb = 0;
     for (k = 0; k < n; k++) {
         const pk_pc_record *r = &recs[k];
         uint64_t pos = r->offset, end = r->offset + r->len;
-        while (pos < end) {
+        while (pos < end && j < np) {
             uint64_t room = pc->bs - pos % pc->bs;
             uint64_t take = end - pos < room ? end - pos : room;
             pc_bpiece *p = &pieces[j++];
@@ -820,14 +806,13 @@ static int batch_plan(const pk_pagecache *pc, const pk_pc_object *objects, const
             pos += take;
         }
     }
-    if (j != np) return -EINVAL; /* cannot happen: counted the same way */
-    qsort(pieces, np, sizeof *pieces, bpiece_cmp);
-    for (i = 0; i < np; i++) {
+    qsort(pieces, j, sizeof *pieces, bpiece_cmp);
+    for (i = 0; i < j; i++) {
         pc_bpiece *p = &pieces[i];
         if (i == 0 || p->obj != pieces[i - 1].obj || p->block != pieces[i - 1].block) {
             const pk_pc_object *o = &objects[p->obj];
             pc_bblock *bk = &blocks[nb++];
-            uint64_t start = p->block * pc->bs; /* <= p's offset < o->size: no overflow */
+            uint64_t start = p->block * pc->bs; /* <= the piece's offset < o->size: no overflow */
             pk_pc_object_key(o, p->block, &bk->key);
             bk->slot = -1;
             bk->gen = 0;
@@ -836,26 +821,20 @@ static int batch_plan(const pk_pagecache *pc, const pk_pc_object *objects, const
         }
         blocks[nb - 1].end = i + 1;
         p->blk = nb - 1;
-        p->sums = nsums;
-        nsums += (size_t)piece_chunks(p);
     }
     *nb_out = nb;
-    *nsums_out = nsums;
-    return 0;
 }
 
-/* Find the batch's blocks under the index lock (a trip per PC_BATCH_LOCK_BLOCKS blocks, so that the
- * lock is only ever held for microseconds).  With sums, also snapshot the sums of the chunks each
- * piece touches. */
-static int batch_lookup(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blocks, size_t nb, uint32_t *sums)
+/* Find the batch's blocks under the index lock, a trip per PC_BATCH_LOCK_BLOCKS blocks so that the
+ * lock is only ever held for microseconds.  Nothing is claimed: absent blocks are the caller's. */
+static int batch_lookup(pk_pagecache *pc, pc_bblock *blocks, size_t nb)
 {
-    size_t i = 0, j;
+    size_t i = 0;
     int rc;
     while (i < nb) {
         size_t stop = i + PC_BATCH_LOCK_BLOCKS;
-        uint64_t copied = 0;
         if ((rc = glock(pc))) return rc;
-        for (; i < nb && i < stop && copied < PC_BATCH_LOCK_SUMS; i++) {
+        for (; i < nb && i < stop; i++) {
             pc_bblock *bk = &blocks[i];
             int64_t si = find(pc, bk->key.h);
             pc_slot *s;
@@ -866,75 +845,40 @@ static int batch_lookup(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *bl
             pc->h->hits++;
             bk->slot = si;
             bk->gen = s->gen;
-            for (j = bk->first; sums && j < bk->end; j++) {
-                uint64_t nch = piece_chunks(&pieces[j]);
-                memcpy(sums + pieces[j].sums, s->sums + pieces[j].boff / PK_PC_CHUNK, nch * sizeof(uint32_t));
-                copied += nch;
-            }
         }
         gunlock(pc);
     }
     return 0;
 }
 
-/* A block whose bytes failed their chunk sums: drop it if it is still the one looked up (then the bytes
- * on disk are wrong), and serve nothing more from it in this batch. */
-static int batch_drop(pk_pagecache *pc, pc_bblock *bk)
-{
-    pc_slot *s = slot_at(pc, (uint64_t)bk->slot);
-    int rc = glock(pc);
-    if (rc) return rc;
-    if (s->gen == bk->gen && s->state == PC_READY) {
-        drop_ready(pc, (uint64_t)bk->slot, 1);
-        pc->h->corruptions++;
-    }
-    gunlock(pc);
-    bk->slot = -1;
-    return 0;
-}
-
-/* Whether the slot of a block still holds what was looked up (the seqlock check after lock-free reads). */
+/* Whether a block's slot still holds what was looked up: the seqlock check after lock-free reads (a
+ * slot is only rewritten after an eviction has bumped its generation). */
 static int batch_unchanged(pk_pagecache *pc, const pc_bblock *bk)
 {
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return __atomic_load_n(&slot_at(pc, (uint64_t)bk->slot)->gen, __ATOMIC_RELAXED) == bk->gen;
 }
 
-/* Copy the pieces of every block found.  With sums (records not verified by the caller's checksums),
- * every chunk touched is verified as pk_pc_copy() does; without, the bytes are copied as they are and
- * the record checksums check them.  Either way a block evicted meanwhile is marked not served. */
-static int batch_copy(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blocks, size_t nb, const uint32_t *sums)
+/* Copy the pieces of every block found; a block evicted meanwhile is marked not served. */
+static void batch_copy(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blocks, size_t nb)
 {
     size_t i, j;
-    int rc;
     for (i = 0; i < nb; i++) {
         pc_bblock *bk = &blocks[i];
-        uint64_t base, checked = UINT64_MAX;
-        int bad = 0, partial = 0;
+        uint64_t base;
         if (bk->slot < 0) continue;
         base = (uint64_t)bk->slot * pc->bs;
-        if (!sums) {
-            for (j = bk->first; j < bk->end; j++)
-                memcpy(pieces[j].dst, pc->data + base + pieces[j].boff, pieces[j].len);
-            partial = 1;
-        } else {
-            for (j = bk->first; j < bk->end && !bad; j++)
-                bad = copy_piece(pc, base, bk->length, sums + pieces[j].sums, pieces[j].boff, pieces[j].len,
-                                 pieces[j].dst, &partial, &checked);
-        }
-        if (bad) {
-            if ((rc = batch_drop(pc, bk))) return rc;
-        } else if (partial && !batch_unchanged(pc, bk)) {
-            bk->slot = -1;
-        }
+        for (j = bk->first; j < bk->end; j++)
+            memcpy(pieces[j].dst, pc->data + base + pieces[j].boff, pieces[j].len);
+        if (!batch_unchanged(pc, bk)) bk->slot = -1;
     }
-    return 0;
 }
 
-/* A record whose copy failed its checksum although its blocks were served: were the cached bytes bad
- * (bit rot, a torn write) or did the server send them so?  Verify the chunks of the record's pieces in
- * place.  Returns PK_PC_MISS if a block changed meanwhile or failed its chunk sums (and was dropped),
- * PK_PC_MISMATCH if the cache holds exactly what was published, or -errno. */
+/* A record whose copy does not hash to its checksum although its blocks were served: were the cached
+ * bytes bad (bit rot, a stray write) or did the server send them so?  The chunks of the record's
+ * pieces are verified in place against their sums.  Returns PK_PC_MISS if a block changed meanwhile
+ * or failed its chunk sums (it is then dropped, as pk_pc_copy_pieces() drops it), PK_PC_MISMATCH if
+ * the cache holds exactly what was published, or -errno. */
 static int batch_classify(pk_pagecache *pc, const pc_bpiece *pieces, size_t np, pc_bblock *blocks, size_t rec)
 {
     uint32_t sums[PK_PC_MAX_BLOCK / PK_PC_CHUNK]; /* 16 KiB at most */
@@ -943,11 +887,11 @@ static int batch_classify(pk_pagecache *pc, const pc_bpiece *pieces, size_t np, 
     for (i = 0; i < np; i++) {
         const pc_bpiece *p = &pieces[i];
         pc_bblock *bk = &blocks[p->blk];
-        pc_slot *s;
         uint64_t c, c0 = p->boff / PK_PC_CHUNK, c1 = (p->boff + p->len - 1) / PK_PC_CHUNK;
+        pc_slot *s;
         int bad = 0;
         if (p->rec != rec) continue;
-        if (bk->slot < 0) return PK_PC_MISS; /* dropped by another record of this batch */
+        if (bk->slot < 0) return PK_PC_MISS; /* dropped while classifying another record */
         s = slot_at(pc, (uint64_t)bk->slot);
         if ((rc = glock(pc))) return rc;
         if (s->gen != bk->gen || s->state != PC_READY) {
@@ -962,11 +906,17 @@ static int batch_classify(pk_pagecache *pc, const pc_bpiece *pieces, size_t np, 
             uint64_t ce = cs + PK_PC_CHUNK < bk->length ? cs + PK_PC_CHUNK : bk->length;
             bad = chunk_sum(pc->data + (uint64_t)bk->slot * pc->bs + cs, ce - cs) != sums[c - c0];
         }
-        if (bad) {
-            if ((rc = batch_drop(pc, bk))) return rc;
+        if (!batch_unchanged(pc, bk)) {
+            bk->slot = -1;
             return PK_PC_MISS;
         }
-        if (!batch_unchanged(pc, bk)) {
+        if (bad) {
+            if ((rc = glock(pc))) return rc;
+            if (s->gen == bk->gen && s->state == PC_READY) { /* unchanged, so the bytes on disk are wrong */
+                drop_ready(pc, (uint64_t)bk->slot, 1);
+                pc->h->corruptions++;
+            }
+            gunlock(pc);
             bk->slot = -1;
             return PK_PC_MISS;
         }
@@ -980,8 +930,7 @@ int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nob
     static const uint8_t empty[1] = {0};
     pc_bpiece *pieces = NULL;
     pc_bblock *blocks = NULL;
-    uint32_t *sums = NULL;
-    size_t np = 0, nb = 0, nsums = 0, i, k;
+    size_t np = 0, nb = 0, i, k;
     int rc = 0;
 
     memset(info, 0, sizeof *info);
@@ -1006,31 +955,25 @@ int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nob
             rc = -ENOMEM;
             goto out;
         }
-        if ((rc = batch_plan(pc, objects, recs, n, pieces, np, blocks, &nb, &nsums))) goto out;
-        if (!verify) { /* the chunk sums are the only check: snapshot them with the lookups */
-            sums = malloc((nsums ? nsums : 1) * sizeof *sums);
-            if (!sums) {
-                rc = -ENOMEM;
-                goto out;
-            }
-        }
-        if ((rc = batch_lookup(pc, pieces, blocks, nb, sums))) goto out;
-        if ((rc = batch_copy(pc, pieces, blocks, nb, sums))) goto out;
+        batch_plan(pc, objects, recs, n, pieces, np, blocks, &nb);
+        if ((rc = batch_lookup(pc, blocks, nb))) goto out;
+        batch_copy(pc, pieces, blocks, nb);
         for (i = 0; i < np; i++)
             if (blocks[pieces[i].blk].slot < 0) recs[pieces[i].rec].status = PK_PC_MISS;
     }
     for (k = 0; k < n; k++) {
         pk_pc_record *r = &recs[k];
-        if (r->status == PK_PC_MISS || !verify) continue;
+        if (r->status == PK_PC_MISS) continue;
         if (pk_xxh3_64(r->len ? r->dst : empty, r->len) == r->checksum) continue;
-        if (!r->len) { /* nothing read: the index's checksum is wrong, not the cache */
-            r->status = PK_PC_MISMATCH;
-            continue;
+        if (r->len) {
+            rc = batch_classify(pc, pieces, np, blocks, k);
+            if (rc < 0) goto out;
+            r->status = rc;
+            rc = 0;
+        } else {
+            r->status = PK_PC_MISMATCH; /* nothing was read: the checksum itself is wrong */
         }
-        rc = batch_classify(pc, pieces, np, blocks, k);
-        if (rc < 0) goto out;
-        r->status = rc;
-        rc = 0;
+        if (r->status == PK_PC_MISMATCH && !verify) r->status = PK_PC_OK; /* served as the server sent it */
     }
     for (k = 0; k < n; k++) {
         if (recs[k].status == PK_PC_MISS) info->missed++;
@@ -1045,7 +988,6 @@ int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nob
 out:
     free(pieces);
     free(blocks);
-    free(sums);
     return rc;
 }
 

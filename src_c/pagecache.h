@@ -163,7 +163,7 @@ typedef struct pk_pc_record {
 /* What a batch read did. */
 typedef struct pk_pc_batch_info {
     size_t missed;         /* records left PK_PC_MISS */
-    size_t mismatched;     /* records left PK_PC_MISMATCH */
+    size_t mismatched;     /* records left PK_PC_MISMATCH (only with verify) */
     size_t blocks_hit;     /* distinct cached blocks served from */
     size_t blocks_missed;  /* distinct blocks not served: absent, being fetched, evicted or corrupt */
     size_t bad_record;     /* on -EINVAL: the first record outside its object (or naming none) */
@@ -171,14 +171,12 @@ typedef struct pk_pc_batch_info {
 
 /* Serve every record whose blocks are all cached, in one call: look the batch's blocks up (one trip
  * through the index lock per 64 blocks; nothing claimed, nothing waited for), copy each record into its
- * dst, and re-check each block's generation after the copy (an eviction meanwhile makes its records
- * PK_PC_MISS).  What guards the bytes served:
- *   - verify != 0: each record's own XXH3-64, computed over its dst -- exactly the bytes handed back.
- *     When it fails, the chunk sums of the record's chunks are checked in place: a mismatch there is
- *     a corrupt cached block (dropped, counted in corruptions; the record PK_PC_MISS), otherwise the
- *     cache holds what the server sent and the record is PK_PC_MISMATCH.
- *   - verify == 0: the chunk sums of every chunk touched, as pk_pc_copy() checks them; a block that
- *     fails them is dropped and its records left PK_PC_MISS.
+ * dst, re-check each block's generation after the copy (an eviction meanwhile makes its records
+ * PK_PC_MISS), and hash each copy with XXH3-64 -- so what is checked is exactly what is handed back.
+ * A copy that does not match its checksum has the chunk sums of its chunks verified in place: a
+ * mismatch there is a corrupt cached block (dropped, counted in corruptions; the record PK_PC_MISS);
+ * otherwise the cache holds what the server sent, and the record is PK_PC_MISMATCH if verify is set
+ * (the caller checks records), served as it is if not.
  * Records whose blocks are not all READY are left PK_PC_MISS, for the caller to fetch through
  * lookup/publish.  The dst of a record not PK_PC_OK holds undefined bytes.
  * Returns 0, -EINVAL (a record outside its object; info->bad_record says which), -ENOMEM or -errno. */

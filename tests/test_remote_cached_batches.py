@@ -192,23 +192,27 @@ def test_corrupt_cached_block_is_detected_and_refetched(served, tmp_path, monkey
     assert cache.stats()["corruptions"] == 3 and len(log.blocks) == 3
 
 
-def test_corrupt_chunk_outside_the_records_read(served, tmp_path, monkeypatch):
-    """Without record checksums (verify=False), the chunk sums guard the bytes: a flipped byte next to
-    the record, in a chunk it shares, still makes the block go.  With them, the record's bytes are
-    checked themselves and are right."""
+@pytest.mark.parametrize("verify", [True, False])
+def test_corruption_is_found_by_the_read_that_covers_it(served, tmp_path, monkeypatch, verify):
+    """Each record's copy is checked against its checksum (also with verify=False, which only stops the
+    check of what the server sent): a flipped byte in a neighbour's bytes does not disturb a record
+    sharing its 4 KiB chunk, and is caught -- block dropped, fetched again -- by the read of the
+    neighbour."""
     root, url, payloads = served
-    for verify in (False, True):
-        cache = PageCache(str(tmp_path / f"cache-{verify}"), capacity="64MiB", block_size=BS)
-        ds = packfmt.open(f"{url}/raw", cache=cache, verify=verify)
-        ds.get_batch(range(len(ds)))
-        i = next(i for i in range(len(ds)) if 50 < ds.stored_lengths[i] < 600 and int(ds.offsets[i]) % 4096 < 3000
-                 and len(_blocks_of(ds, i)) == 1)
-        end = int(ds.offsets[i]) + int(ds.stored_lengths[i])
-        assert end % 4096 != 0 and end // BS == int(ds.offsets[i]) // BS
-        _flip_cached_byte(cache, ds, ds.shards[int(ds.shard_of[i])], end)  # the byte after the record
-        log = FetchLog(monkeypatch)
-        assert ds.get_batch([i]) == [payloads[i]]
-        assert (cache.stats()["corruptions"], len(log.blocks)) == ((0, 0) if verify else (1, 1))
+    cache = PageCache(str(tmp_path / "cache"), capacity="64MiB", block_size=BS)
+    ds = packfmt.open(f"{url}/raw", cache=cache, verify=verify)
+    ds.get_batch(range(len(ds)))
+    i = next(i for i in range(len(ds) - 1) if 50 < ds.stored_lengths[i] < 600 and 50 < ds.stored_lengths[i + 1]
+             and ds.shard_of[i] == ds.shard_of[i + 1] and int(ds.offsets[i]) % 4096 < 3000
+             and len(_blocks_of(ds, i) | _blocks_of(ds, i + 1)) == 1)
+    end = int(ds.offsets[i]) + int(ds.stored_lengths[i])
+    assert int(ds.offsets[i + 1]) == end and end // 4096 == int(ds.offsets[i]) // 4096  # one chunk
+    _flip_cached_byte(cache, ds, ds.shards[int(ds.shard_of[i])], end + 1)  # record i + 1's second byte
+    log = FetchLog(monkeypatch)
+    assert ds.get_batch([i]) == [payloads[i]] and ds[i] == payloads[i]
+    assert (cache.stats()["corruptions"], log.blocks) == (0, [])
+    assert ds.get_batch([i, i + 1]) == [payloads[i], payloads[i + 1]]
+    assert cache.stats()["corruptions"] == 1 and log.blocks == sorted(_blocks_of(ds, i))
 
 
 def _corrupt_on_server(path, pos):
