@@ -284,10 +284,11 @@ cdef class PageCacheHandle:
     def read_rows(self, PageCacheRecords recs, const int64_t[::1] rows, bint verify, uint8_t[::1] status,
                   list out):
         """Serve the stored bytes of ``rows`` (of ``recs``) from cached blocks in one call with the GIL
-        released: every block looked up, every record copied with its chunk sums checked and, if verify,
-        its XXH3-64.  out[k] becomes a bytes object for each row served; status[k] is 0 for those,
-        PC_MISS (not all its blocks cached: fetch it) or PC_MISMATCH (cached, intact, but not the record:
-        drop its blocks and fetch it).  Returns the number of distinct blocks served from."""
+        released (pk_pc_read_records): every block looked up, every record copied and its copy checked
+        against its XXH3-64.  out[k] becomes a bytes object for each row served; status[k] is 0 for
+        those, PC_MISS (not all its blocks cached, or a cached block was corrupt and dropped: fetch it)
+        or, only with verify, PC_MISMATCH (the cache holds bad bytes as the server sent them: drop its
+        blocks and fetch it).  Returns the number of distinct blocks served from."""
         cdef Py_ssize_t k, n = rows.shape[0]
         cdef pk_pc_record *r
         cdef pk_pc_batch_info info

@@ -193,10 +193,10 @@ class PageCache:
     def read_rows(self, records, rows, verify: bool, status, out: list) -> None:
         """Serve rows of a dataset's index (``records``: a ``_core.PageCacheRecords``) from cached blocks
         with one call into the C core: ``out[k]`` becomes the stored bytes of ``rows[k]`` if every block
-        it needs is cached, its chunk sums and (if ``verify``) its checksum match -- ``status[k]`` is 0
-        then.  Otherwise ``status[k]`` is ``PC_MISS`` (fetch it with :meth:`read`) or ``PC_MISMATCH``
-        (the cached bytes are intact but not the record's: :meth:`invalidate` them, then fetch).
-        Nothing is claimed, fetched or waited for."""
+        it needs is cached and the copy matches the record's checksum -- ``status[k]`` is 0 then.
+        Otherwise ``status[k]`` is ``PC_MISS`` (fetch it with :meth:`read`; a corrupt cached block has
+        been dropped) or, with ``verify``, ``PC_MISMATCH`` (the cache holds the bytes the server sent and
+        they are wrong: :meth:`invalidate` them, then fetch).  Nothing is claimed, fetched or waited for."""
         self._local["hits"] += self._h().read_rows(records, rows, verify, status, out)
 
     def read_rows_into(self, records, rows, verify: bool, status, buf, starts) -> None:
