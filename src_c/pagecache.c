@@ -860,7 +860,11 @@ static int batch_unchanged(pk_pagecache *pc, const pc_bblock *bk)
 }
 
 /* Copy the pieces of every block found; a block evicted meanwhile is marked not served. */
-static void batch_copy(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blocks, size_t nb)
+/* Copies every piece out of its cached block. A record that lies in one block is copied and hashed
+ * in one pass (pk_xxh3_64_copy: the hash of the bytes written to dst); ok[rec] tells whether that hash
+ * matched. Records in several pieces are hashed by the caller once all their pieces are copied. */
+static void batch_copy(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blocks, size_t nb,
+                       const pk_pc_record *recs, uint8_t *ok)
 {
     size_t i, j;
     for (i = 0; i < nb; i++) {
@@ -868,8 +872,14 @@ static void batch_copy(pk_pagecache *pc, const pc_bpiece *pieces, pc_bblock *blo
         uint64_t base;
         if (bk->slot < 0) continue;
         base = (uint64_t)bk->slot * pc->bs;
-        for (j = bk->first; j < bk->end; j++)
-            memcpy(pieces[j].dst, pc->data + base + pieces[j].boff, pieces[j].len);
+        for (j = bk->first; j < bk->end; j++) {
+            const pc_bpiece *p = &pieces[j];
+            const pk_pc_record *r = &recs[p->rec];
+            if (p->len == r->len)
+                ok[p->rec] = pk_xxh3_64_copy(p->dst, pc->data + base + p->boff, p->len) == r->checksum;
+            else
+                memcpy(p->dst, pc->data + base + p->boff, p->len);
+        }
         if (!batch_unchanged(pc, bk)) bk->slot = -1;
     }
 }
@@ -930,6 +940,7 @@ int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nob
     static const uint8_t empty[1] = {0};
     pc_bpiece *pieces = NULL;
     pc_bblock *blocks = NULL;
+    uint8_t *ok = NULL;
     size_t np = 0, nb = 0, i, k;
     int rc = 0;
 
@@ -951,20 +962,21 @@ int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nob
     if (np) {
         pieces = malloc(np * sizeof *pieces);
         blocks = malloc(np * sizeof *blocks); /* at most one distinct block per piece */
-        if (!pieces || !blocks) {
+        ok = calloc(n, 1);
+        if (!pieces || !blocks || !ok) {
             rc = -ENOMEM;
             goto out;
         }
         batch_plan(pc, objects, recs, n, pieces, np, blocks, &nb);
         if ((rc = batch_lookup(pc, blocks, nb))) goto out;
-        batch_copy(pc, pieces, blocks, nb);
+        batch_copy(pc, pieces, blocks, nb, recs, ok);
         for (i = 0; i < np; i++)
             if (blocks[pieces[i].blk].slot < 0) recs[pieces[i].rec].status = PK_PC_MISS;
     }
     for (k = 0; k < n; k++) {
         pk_pc_record *r = &recs[k];
         if (r->status == PK_PC_MISS) continue;
-        if (pk_xxh3_64(r->len ? r->dst : empty, r->len) == r->checksum) continue;
+        if ((ok && ok[k]) || pk_xxh3_64(r->len ? r->dst : empty, r->len) == r->checksum) continue;
         if (r->len) {
             rc = batch_classify(pc, pieces, np, blocks, k);
             if (rc < 0) goto out;
@@ -988,6 +1000,7 @@ int pk_pc_read_records(pk_pagecache *pc, const pk_pc_object *objects, size_t nob
 out:
     free(pieces);
     free(blocks);
+    free(ok);
     return rc;
 }
 
