@@ -35,6 +35,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
+import weakref
 from multiprocessing import sharedctypes
 from multiprocessing.context import get_spawning_popen
 
@@ -42,11 +44,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
+from . import _ring
 from .shuffle import EpochOrder, shard_boundaries_of
 
 __all__ = [
     "PackDataset", "PackSampler", "PackBatchSampler", "PackIterableDataset", "PackDataLoader", "PackedBatch",
-    "collate_packed",
+    "collate_packed", "collate_samples",
     "dist_rank_world", "to_tensor",
 ]
 
@@ -150,6 +153,8 @@ class PackDataset(Dataset):
     >>> x, y = ds[0]                                                # doctest: +SKIP
     """
 
+    _ring_writer = None  # a worker's RingWriter, set by PackDataLoader's worker_init_fn in that worker only
+
     def __init__(self, source, *, transform=None, label=None, open_kwargs=None, packed=False):
         if packed and transform is not None:
             raise ValueError("packed=True hands over raw bytes; apply the transform to the PackedBatch instead")
@@ -169,6 +174,10 @@ class PackDataset(Dataset):
         return self._reader.items([i], [self._reader.dataset[i]])[0]
 
     def __getitems__(self, indices):
+        if self._ring_writer is not None:  # in a PackDataLoader worker: read into a shared-memory slot
+            batch = _RingBatch.read(self._ring_writer, self._reader, indices, self.packed)
+            if batch is not None:
+                return batch
         if self.packed:
             return PackedBatch.read(self._reader, indices)
         return self._reader.items(indices, self._reader.dataset.get_batch(indices))
@@ -187,16 +196,19 @@ def _shared_uint8(nbytes: int) -> torch.Tensor:
 class PackedBatch:
     """A batch of raw samples as one contiguous ``uint8`` tensor plus offsets (and labels).
 
-    Made by ``PackDataset(..., packed=True)``: the C core reads the batch straight into a
-    shared-memory tensor in the worker, and the main process receives it without the bytes being
-    pickled.  Sample ``k`` is ``batch[k]`` (a zero-copy tensor view) or ``batch.tobytes(k)``.
-    ``labels`` is a tensor when a label column was asked for, else None.
+    Made by ``PackDataset(..., packed=True)``.  Through :class:`PackDataLoader` with workers, the C
+    core reads the batch straight into a slot of the worker's shared-memory ring and ``data`` is a
+    zero-copy view of that slot, which goes back to the worker when the last reference to it (the
+    batch, ``batch[k]`` views, ``data.numpy()``) is gone; batches that do not fit the ring travel as
+    one shared-memory tensor instead.  Sample ``k`` is ``batch[k]`` (a zero-copy tensor view) or
+    ``batch.tobytes(k)``.  ``labels`` is a tensor when a label column was asked for, else None.
     """
 
-    __slots__ = ("data", "offsets", "labels", "indices")
+    __slots__ = ("data", "offsets", "labels", "indices", "_in_ring")
 
     def __init__(self, data, offsets, labels=None, indices=None):
         self.data, self.offsets, self.labels, self.indices = data, offsets, labels, indices
+        self._in_ring = False
 
     @classmethod
     def read(cls, reader, indices) -> "PackedBatch":
@@ -222,9 +234,9 @@ class PackedBatch:
 
     def samples(self) -> list:
         """All samples as a list of bytes."""
-        buf = memoryview(self.data.numpy())
+        buf = self.data.numpy().tobytes()  # one copy, then slices: bytes(memoryview[a:b]) is ~5x slower
         off = self.offsets.tolist()
-        return [bytes(buf[off[k]:off[k + 1]]) for k in range(len(off) - 1)]
+        return [buf[a:b] for a, b in zip(off, off[1:])]
 
     def pin_memory(self):
         return PackedBatch(self.data.pin_memory(), self.offsets, self.labels, self.indices)
@@ -232,8 +244,10 @@ class PackedBatch:
     def __reduce__(self):
         # Only the payload travels as a shared-memory tensor (one file descriptor per batch); the small
         # arrays go inline in the pickle: each extra shared tensor would cost its own fd hand-over.
+        # A ring slot is lent, not given: a pickled batch carries a copy of its bytes.
+        data = self.data.clone() if self._in_ring else self.data
         small = [None if t is None else t.numpy() for t in (self.offsets, self.labels, self.indices)]
-        return (_rebuild_packed, (self.data, *small))
+        return (_rebuild_packed, (data, *small))
 
     def __repr__(self):
         return f"PackedBatch({len(self)} samples, {self.data.numel()} bytes)"
@@ -246,6 +260,110 @@ def _rebuild_packed(data, offsets, labels, indices):
 def collate_packed(batch):
     """The collate_fn for ``PackDataset(packed=True)``: the batch is already one object."""
     return batch
+
+
+def collate_samples(batch):
+    """The collate_fn :class:`PackDataLoader` uses for a ``PackDataset`` without ``transform``: a batch
+    that came through a worker's shared-memory ring is already collated (it becomes exactly what
+    ``default_collate`` makes of the items in the main process), anything else goes to
+    ``default_collate``."""
+    return batch if isinstance(batch, _RingBatch) else default_collate(batch)
+
+
+def _collate_labels(labels: np.ndarray):
+    """``default_collate`` of the labels as ``_Reader.items`` makes them (Python scalars from ``tolist``),
+    without the detour through Python objects for the common dtypes."""
+    kind = labels.dtype.kind
+    if kind == "b":
+        return torch.from_numpy(labels.astype(np.bool_))
+    if kind == "i" or (kind == "u" and labels.dtype.itemsize < 8):
+        return torch.from_numpy(labels.astype(np.int64))
+    if kind == "f":
+        return torch.from_numpy(labels.astype(np.float64))
+    return default_collate(tuple(labels.tolist()))
+
+
+class _RingBatch:
+    """In a worker: a batch read into a ring slot, pickled as a small descriptor.
+
+    Unpickled in the DataLoader's main process it becomes the user's batch: a :class:`PackedBatch`
+    viewing the slot (released when that view dies) or, for ``(bytes, label)`` items, exactly what
+    ``default_collate`` would have made -- the bytes are copied out and the slot released at once.
+    Dropped without being sent (an error between read and hand-over), it frees its slot.
+    """
+
+    __slots__ = ("writer", "slot", "seq", "nbytes", "offsets", "labels", "indices", "packed", "sent")
+
+    @classmethod
+    def read(cls, writer, reader, indices, packed):
+        """Read ``indices`` into a free slot of ``writer``; None (and nothing read) when no slot fits."""
+        idx = np.asarray(indices, dtype=np.int64)
+        got = []
+
+        def alloc(n):
+            got.append(writer.acquire(n))  # NoSlot propagates out of get_batch_packed
+            return writer.ring.slot_array(got[0][0], n)
+
+        try:
+            _, offsets = reader.dataset.get_batch_packed(idx, alloc=alloc)
+            labels = np.ascontiguousarray(reader.labels()[idx]) if reader.label is not None else None
+        except _ring.NoSlot:
+            writer.count(fallback=True)
+            return None
+        except BaseException:
+            if got:
+                writer.abandon(got[0][0])
+            raise
+        self = cls.__new__(cls)
+        self.writer, (self.slot, self.seq), self.nbytes = writer, got[0], int(offsets[-1])
+        self.offsets, self.labels, self.packed, self.sent = offsets, labels, packed, False
+        self.indices = idx if packed else None
+        writer.count(fallback=False)
+        return self
+
+    def __reduce__(self):
+        if self.sent:
+            raise RuntimeError("a packfmt ring batch is handed to the main process once; it cannot be copied")
+        self.sent = True
+        return (_rebuild_ring_batch, (self.writer.ring.id, self.slot, self.seq, self.nbytes, self.offsets,
+                                      self.labels, self.indices, self.packed))
+
+    def __del__(self):
+        if not self.sent:
+            self.writer.abandon(self.slot)
+
+
+def _rebuild_ring_batch(ring_id, slot, seq, nbytes, offsets, labels, indices, packed):
+    ring = _ring.owned(ring_id)
+    base = ring.take(slot, seq, nbytes)
+    if packed:
+        arr = ring.slot_array(slot, nbytes)
+        weakref.finalize(arr, ring.release, slot, seq)
+        batch = PackedBatch(torch.from_numpy(arr), torch.from_numpy(offsets),
+                            None if labels is None else torch.from_numpy(labels), torch.from_numpy(indices))
+        batch._in_ring = True
+        return batch
+    try:
+        mm, off = ring.mm, (offsets + base).tolist()
+        samples = tuple([mm[a:b] for a, b in zip(off, off[1:])])  # slicing the mmap: the fastest copy out
+    finally:
+        ring.release(slot, seq)
+    if labels is None:
+        return list(samples)
+    return [samples, _collate_labels(labels)]
+
+
+class _RingWorkerInit:
+    """``worker_init_fn`` of a PackDataLoader with a ring: gives the worker's dataset its slots, then
+    calls the user's ``worker_init_fn``."""
+
+    def __init__(self, ring, user_fn):
+        self.ring, self.user_fn = ring, user_fn
+
+    def __call__(self, worker_id):
+        get_worker_info().dataset._ring_writer = self.ring.writer(worker_id)
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
 
 
 class _EpochState:
@@ -488,20 +606,83 @@ class PackIterableDataset(_EpochState, IterableDataset):
 
 
 class PackDataLoader(DataLoader):
-    """A ``DataLoader`` whose ``state_dict()`` is exact with any ``num_workers``.
+    """A ``DataLoader`` whose ``state_dict()`` is exact with any ``num_workers``, and whose workers
+    hand batches of a :class:`PackDataset` over through shared memory.
 
     Counts the batches the training loop has received (workers read ahead,
     so the sampler cannot know), and turns them into the
     ``{"seed", "epoch", "consumed"}`` state of the :class:`PackBatchSampler`,
     :class:`PackSampler` or :class:`PackIterableDataset` it drives.  Resume with
     ``load_state_dict`` on a fresh loader -- with any number of workers.
-    With ``PackDataset(packed=True)`` the default collate_fn is :func:`collate_packed`.
+
+    With ``num_workers > 0``, a map-style :class:`PackDataset` without ``transform`` and no
+    ``collate_fn`` of your own, each worker gets a ring of ``ring_slots`` reusable shared-memory
+    slots of ``ring_slot_bytes`` bytes (created once per iterator, nothing left in ``/dev/shm``).
+    A worker reads each batch straight into a free slot and only a small descriptor crosses
+    torch's result queue.  ``PackDataset(packed=True)`` batches arrive as a :class:`PackedBatch`
+    viewing the slot, which is released when the batch dies; ``(bytes, label)`` items arrive as
+    ``default_collate`` makes them (a tuple of ``bytes`` and a label tensor), copied out of the
+    slot in the main process.  A batch larger than a slot, or read while all the worker's slots
+    are held, travels the ordinary way; :meth:`ring_stats` counts both.  Defaults:
+    ``prefetch_factor + 3`` slots of twice the mean batch size (capped at the largest possible
+    batch).  ``ring=False`` turns the ring off.  The collate_fn is :func:`collate_packed` for
+    ``packed=True`` and :func:`collate_samples` (``default_collate`` for everything the ring
+    did not carry) otherwise.
     """
 
-    def __init__(self, dataset, *args, **kwargs):
-        if getattr(dataset, "packed", False) and kwargs.get("collate_fn") is None:
-            kwargs["collate_fn"] = collate_packed
+    def __init__(self, dataset, *args, ring=True, ring_slots=None, ring_slot_bytes=None, **kwargs):
         super().__init__(dataset, *args, **kwargs)
+        self._ring_mode = None
+        self._ring_opts = (ring_slots, ring_slot_bytes)
+        self._last_ring = None
+        self._last_ring_stats = None
+        if isinstance(dataset, PackDataset) and self.collate_fn in (default_collate, None):
+            if dataset.packed:
+                self.collate_fn = collate_packed
+            elif dataset._reader.transform is None:
+                self.collate_fn = collate_samples
+        if (ring and _ring.SUPPORTED and self.num_workers > 0 and self._auto_collation
+                and self.collate_fn in (collate_packed, collate_samples) and isinstance(dataset, PackDataset)):
+            self._ring_mode = "packed" if dataset.packed else "samples"
+
+    def _ring_shape(self):
+        """(slots per worker, slot bytes) for this loader's dataset and batch size."""
+        slots, slot_bytes = self._ring_opts
+        if slots is None:
+            slots = (self.prefetch_factor or 2) + 3
+        if slot_bytes is None:
+            slot_bytes = 8 << 20
+            batch = getattr(self.batch_sampler, "batch_size", None)
+            lengths = getattr(self.dataset.dataset, "raw_lengths", None)
+            if batch and lengths is not None and len(lengths):
+                slot_bytes = min(int(lengths.max()) * batch, int(2 * float(lengths.mean()) * batch))
+                slot_bytes = max(slot_bytes, 64 << 10)
+        return int(slots), int(slot_bytes)
+
+    def _get_iterator(self):
+        if self._ring_mode is None:
+            return super()._get_iterator()
+        try:
+            ring = _ring.Ring(self.num_workers, *self._ring_shape())
+        except OSError as e:  # e.g. /dev/shm full: torch's transport still works, only slower
+            warnings.warn(f"packfmt: no shared-memory ring ({e}); batches use torch's transport", RuntimeWarning)
+            return super()._get_iterator()
+        user_init = self.worker_init_fn
+        self.worker_init_fn = _RingWorkerInit(ring, user_init)
+        try:
+            it = super()._get_iterator()
+        finally:
+            self.worker_init_fn = user_init
+        it._packfmt_ring = ring  # lives as long as the workers (and the batches still viewing it)
+        self._last_ring = weakref.ref(ring)
+        self._last_ring_stats = None
+        return it
+
+    def ring_stats(self) -> dict | None:
+        """Batches the workers of the current (or last) iterator sent through the ring and the ordinary
+        way: ``{"ring": n, "fallback": m}``; None when no ring is in use."""
+        ring = self._last_ring() if self._last_ring is not None else None
+        return self._last_ring_stats if ring is None else ring.stats()
 
     def _pack_source(self):
         if isinstance(self.dataset, PackIterableDataset):
@@ -517,9 +698,15 @@ class PackDataLoader(DataLoader):
         src, _ = self._pack_source()
         self._pack_begin = (src.epoch, src._start)
         self._pack_batches = 0
-        for batch in super().__iter__():
-            self._pack_batches += 1
-            yield batch
+        it = super().__iter__()
+        ring = getattr(it, "_packfmt_ring", None)
+        try:
+            for batch in it:
+                self._pack_batches += 1
+                yield batch
+        finally:
+            if ring is not None:
+                self._last_ring_stats = ring.stats()
 
     def state_dict(self) -> dict:
         src, bs = self._pack_source()
