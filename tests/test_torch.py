@@ -102,18 +102,21 @@ def test_map_style_two_workers(data, context):
     assert epochs[0] != epochs[1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_packed_batches_through_shared_memory(data, workers):
-    """packed=True: each batch arrives as one uint8 tensor + offsets (shared memory from workers)."""
+@pytest.mark.parametrize("workers,ring", [(0, True), (2, True), (2, False)])
+def test_packed_batches_through_shared_memory(data, workers, ring):
+    """packed=True: each batch arrives as one uint8 tensor + offsets (shared memory from workers: a slot
+    of the loader's ring, or with ring=False a shared-memory tensor per batch)."""
+    from packfmt import _ring
     from packfmt.torch import PackedBatch
     ds = PackDataset(data, label="label", packed=True)
     sampler = PackBatchSampler(ds, BS, seed=5)
-    loader = PackDataLoader(ds, batch_sampler=sampler, num_workers=workers)
+    loader = PackDataLoader(ds, batch_sampler=sampler, num_workers=workers, ring=ring)
     seen = []
     for batch in loader:
         assert isinstance(batch, PackedBatch) and batch.data.dtype == torch.uint8
         assert len(batch) == len(batch.indices) == len(batch.labels)
-        assert (batch.data.is_shared() if workers else True)
+        if workers:
+            assert batch._in_ring if ring and _ring.SUPPORTED else batch.data.is_shared()
         idx = batch.indices.tolist()
         assert batch.samples() == [sample_bytes(i) for i in idx]
         assert batch.tobytes(0) == sample_bytes(idx[0]) and bytes(batch[0].tolist()) == sample_bytes(idx[0])
