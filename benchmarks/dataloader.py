@@ -11,10 +11,15 @@ same run:
 
 * ``get_batch raw``   -- the baseline: this process calls ``ds.get_batch`` on
                          batches of the global order, no DataLoader;
-* ``packfmt <mode>``  -- ``DataLoader(PackDataset, batch_sampler=PackBatchSampler(mode),
-                         num_workers=W)``;
-* ``packfmt ... packed``-- the same with ``PackDataset(packed=True)``: each batch is one
-                         shared-memory uint8 tensor + offsets (no pickling of the bytes);
+* ``packfmt <mode>``  -- ``PackDataLoader(PackDataset, batch_sampler=PackBatchSampler(mode),
+                         num_workers=W)``: workers read each batch into a slot of the loader's
+                         shared-memory ring, the main process copies the samples out as bytes
+                         (the items are ``default_collate``-d exactly as with torch's transport);
+* ``packfmt ... packed``-- the same with ``PackDataset(packed=True)``: each batch is a
+                         ``PackedBatch`` viewing its ring slot (no copy in the main process);
+* ``... torch transport``-- plain ``torch.utils.data.DataLoader`` (what ``ring=False`` does):
+                         ``(bytes, label)`` items pickled through the result queue, or with
+                         ``packed=True`` one new shared-memory tensor per batch;
 * ``packfmt iterable``-- ``DataLoader(PackIterableDataset, batch_size=B, num_workers=W)``;
 * ``... num_workers=0``-- ``DataLoader(PackIterableDataset(batched=True), batch_size=None)``:
                          no worker processes, the prefetch thread reads ahead while the
@@ -27,13 +32,16 @@ Every item is ``(bytes, label)`` collated by the default collate function, so
 the loaders move the same data.  Each run is done with a warm page cache
 (files read just before) and a cold one (every file evicted with
 ``posix_fadvise(DONTNEED)`` first; on a VM the host may still cache).
-Ratios: against loose files, and against the raw ``get_batch`` throughput.
+Ratios: against loose files, and against the raw ``get_batch`` throughput.  ``CPU µs / sample``
+is the CPU time of every process involved (main, workers), the best epoch's: less sensitive to
+the load of a shared machine than the wall-clock rates.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -45,7 +53,8 @@ import packfmt
 from packfmt.shuffle import EpochOrder
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import describe_machine, log, machine_info, markdown_table, pgpgin_kib, update_markdown_section  # noqa: E402
-from packfmt.torch import PackBatchSampler, PackDataset, PackedBatch, PackIterableDataset, collate_packed
+from packfmt.torch import (PackBatchSampler, PackDataLoader, PackDataset, PackedBatch, PackIterableDataset,
+                           collate_packed)
 
 CLASSES = 100
 
@@ -152,6 +161,33 @@ class RawEpochs:
         return count, nbytes, time.perf_counter() - t
 
 
+class EpochCPU:
+    """CPU seconds an epoch costs all the processes doing it: this one, the persistent workers of its
+    loader (from /proc), and workers started and joined during the epoch (RUSAGE_CHILDREN)."""
+
+    def __init__(self, epoch):
+        it = getattr(getattr(epoch, "loader", None), "_iterator", None)
+        self.pids = [w.pid for w in getattr(it, "_workers", [])]
+        self.start = self._now()
+
+    def _now(self):
+        tck = os.sysconf("SC_CLK_TCK")
+        total = time.process_time()
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += ch.ru_utime + ch.ru_stime
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tck
+            except OSError:
+                pass
+        return total
+
+    def used(self) -> float:
+        return self._now() - self.start
+
+
 class LoaderEpochs:
     """Epochs of one DataLoader; ``set_epoch`` first when its sampler/dataset has one."""
 
@@ -187,17 +223,14 @@ def main():
     list_time = time.perf_counter() - t
     raw_name, loose_name = "get_batch, no DataLoader (1 process)", "loose files, ImageFolder-like"
 
-    def pack_map(mode, persistent, **kw):
-        ds = PackDataset(pack, label="label")
+    def pack_map(mode, persistent, packed=False, ring=True, **kw):
+        ds = PackDataset(pack, label="label", packed=packed)
         sampler = PackBatchSampler(ds, B, seed=0, mode=mode, **kw)
-        return LoaderEpochs(DataLoader(ds, batch_sampler=sampler, num_workers=W, persistent_workers=persistent),
-                            sampler)
-
-    def pack_map_packed(persistent):
-        ds = PackDataset(pack, label="label", packed=True)
-        sampler = PackBatchSampler(ds, B, seed=0, mode="global")
+        if ring:
+            return LoaderEpochs(PackDataLoader(ds, batch_sampler=sampler, num_workers=W,
+                                               persistent_workers=persistent), sampler)
         return LoaderEpochs(DataLoader(ds, batch_sampler=sampler, num_workers=W, persistent_workers=persistent,
-                                       collate_fn=collate_packed), sampler)
+                                       collate_fn=collate_packed if packed else None), sampler)
 
     def pack_iterable(persistent):
         ds = PackIterableDataset(pack, batch_size=B, seed=0, label="label")
@@ -215,7 +248,9 @@ def main():
     runs = {
         raw_name: lambda p: RawEpochs(pack, B),
         "packfmt global": lambda p: pack_map("global", p),
-        "packfmt global, packed batches (shared memory)": pack_map_packed,
+        "packfmt global, packed batches": lambda p: pack_map("global", p, packed=True),
+        "packfmt global, torch transport": lambda p: pack_map("global", p, ring=False),
+        "packfmt global, packed, torch transport": lambda p: pack_map("global", p, packed=True, ring=False),
         "packfmt feistel": lambda p: pack_map("feistel", p),
         "packfmt block 64x16": lambda p: pack_map("block", p, block_size=64, window=16),
         "packfmt none": lambda p: pack_map("none", p),
@@ -225,7 +260,8 @@ def main():
     }
     packed_mib = sum(os.path.getsize(os.path.join(pack, f)) for f in os.listdir(pack)) / 2**20
     intro = (f"{args.n:,} samples of 2-6 KiB ({packed_mib:.0f} MiB), 100 labels; one shuffled epoch through "
-             f"`DataLoader(num_workers={W}, batch_size={B})`, items `(bytes, label)` with the default collate; "
+             f"`DataLoader(num_workers={W}, batch_size={B})` (`PackDataLoader` unless marked *torch transport*), "
+             f"items `(bytes, label)` with the default collate unless *packed*; "
              f"best of {args.reps} epochs (warm: persistent workers after one untimed epoch; cold: a fresh "
              f"loader per epoch). The loose tree was listed in {list_time:.2f} s (not counted). "
              f"Machine: {describe_machine(info)}.")
@@ -239,7 +275,7 @@ def main():
         # would keep their mapped pages, which eviction skips).  Repetitions are interleaved
         # across readers, so a burst of load elsewhere does not land on one reader only; the
         # best epoch of each is kept.
-        best, paged = {}, {}
+        best, paged, cpu = {}, {}, {}
         readers = {}
         if cache == "warm":
             for name, make in runs.items():
@@ -255,19 +291,22 @@ def main():
                     epoch = make(False)
                     evict(files)
                 k0 = pgpgin_kib()
+                c0 = EpochCPU(epoch)
                 count, nbytes, dt = epoch()
+                cpu_s = c0.used()
                 paged[name] = paged.get(name, 0) + pgpgin_kib() - k0
                 assert count == args.n, (name, count)
                 if name not in best or dt < best[name][2]:
                     best[name] = (count, nbytes, dt)
-                log(f"{cache} {name}: {count / dt:,.0f} samples/s")
+                cpu[name] = min(cpu.get(name, cpu_s), cpu_s)
+                log(f"{cache} {name}: {count / dt:,.0f} samples/s, {cpu_s:.2f} CPU s")
         readers.clear()
         res = {name: (c / dt, nb / dt / 2**20, paged[name] // args.reps) for name, (c, nb, dt) in best.items()}
         loose_rate, raw_rate = res[loose_name][0], res[raw_name][0]
         rows = [[name, f"{rate:,.0f}", f"{mib:.0f}", f"{rate / loose_rate:.1f}x", f"{rate / raw_rate:.0%}",
-                 f"{paged // 1024:,}"] for name, (rate, mib, paged) in res.items()]
+                 f"{cpu[name] * 1e6 / args.n:.2f}", f"{paged // 1024:,}"] for name, (rate, mib, paged) in res.items()]
         table = markdown_table(["reader", "samples/s", "MiB/s", "vs loose files", "vs get_batch",
-                                "MiB paged in / epoch"], rows)
+                                "CPU µs / sample", "MiB paged in / epoch"], rows)
         title = ("warm page cache (files read right before each epoch)" if cache == "warm" else
                  "cold page cache (every file evicted with posix_fadvise(DONTNEED) before each epoch)")
         sections.append(f"**{title}**\n\n{table}")

@@ -18,6 +18,11 @@ it with one ``get_batch`` call through :meth:`PackDataset.__getitems__`)::
     # after a crash, with any num_workers:
     loader.load_state_dict(torch.load("ckpt")); start_epoch = loader.state_dict()["epoch"]
 
+With workers and no ``transform``, ``PackDataLoader`` moves batches through a
+shared-memory ring of reusable slots per worker (see :class:`PackDataLoader`);
+``PackDataset(..., packed=True)`` then yields :class:`PackedBatch` views of the
+slots, with no copy at all.
+
 Iterable (each worker computes its own batches of the rank's epoch order and
 reads ahead in a background thread)::
 
