@@ -280,11 +280,11 @@ def _collate_labels(labels: np.ndarray):
     without the detour through Python objects for the common dtypes."""
     kind = labels.dtype.kind
     if kind == "b":
-        return torch.from_numpy(labels.astype(np.bool_))
+        return torch.from_numpy(np.asarray(labels, dtype=np.bool_))
     if kind == "i" or (kind == "u" and labels.dtype.itemsize < 8):
-        return torch.from_numpy(labels.astype(np.int64))
+        return torch.from_numpy(np.asarray(labels, dtype=np.int64))
     if kind == "f":
-        return torch.from_numpy(labels.astype(np.float64))
+        return torch.from_numpy(np.asarray(labels, dtype=np.float64))
     return default_collate(tuple(labels.tolist()))
 
 
