@@ -125,6 +125,31 @@ def xxh3_64(data):
     return _hash_buffer(data, True, 0)
 
 
+cdef extern from *:
+    """
+    static inline int64_t pk_load_acquire_i64(const int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void pk_store_release_i64(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    int64_t pk_load_acquire_i64(const int64_t *p) nogil
+    void pk_store_release_i64(int64_t *p, int64_t v) nogil
+
+
+def load_acquire_i64(int64_t[::1] words, Py_ssize_t i):
+    """``words[i]`` read with acquire ordering: nothing this process reads or writes after it is
+    reordered before it.  For flags in memory shared between processes (packfmt._ring)."""
+    if not 0 <= i < words.shape[0]:
+        raise IndexError(f"word {i} out of range for {words.shape[0]} words")
+    return pk_load_acquire_i64(&words[i])
+
+
+def store_release_i64(int64_t[::1] words, Py_ssize_t i, int64_t value):
+    """``words[i] = value`` with release ordering: every read and write this process made before it
+    is visible to a process that reads the new value with :func:`load_acquire_i64`."""
+    if not 0 <= i < words.shape[0]:
+        raise IndexError(f"word {i} out of range for {words.shape[0]} words")
+    pk_store_release_i64(&words[i], value)
+
+
 def xxh3_64_copy(dst, src):
     """Copy the bytes of src to the start of dst (a writable buffer at least as long, not overlapping src)
     and return their XXH3-64, in one pass: the reader's verified copy (pk_xxh3_64_copy).  For tests and

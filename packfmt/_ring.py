@@ -15,10 +15,10 @@ Layout of the mapping (native byte order, one page-aligned header then the slots
 Who writes what: only the worker flips a slot FREE -> BUSY (and bumps its sequence number)
 before it writes the slot's bytes; only the main process flips it BUSY -> FREE, after the last
 reference to the batch is gone.  The descriptor crosses a pipe, so the worker's bytes are visible
-to the main process when it reads them.  The release is a plain store after the main process's
-last read of the slot: correct where stores are not reordered before earlier loads (x86 and
-x86-64, whose memory model is TSO).  Elsewhere :data:`SUPPORTED` is False and PackDataLoader uses
-torch's own transport.
+to the main process when it reads them.  The release is a store with release ordering after the
+main process's last read of the slot, and the worker reads the state with acquire ordering before
+it writes the slot again (``_core.store_release_i64`` / ``load_acquire_i64``, C11 atomics), so a
+slot is never rewritten while the main process may still read it, on any CPU.
 
 The backing file is created in ``/dev/shm`` and unlinked at once: a forked worker inherits the
 mapping, a spawned (or forkserver) worker receives the file descriptor once, when it starts.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import platform
 import sys
 import tempfile
 import weakref
@@ -39,8 +38,9 @@ from multiprocessing.context import get_spawning_popen
 
 import numpy as np
 
-SUPPORTED = sys.platform.startswith("linux") and platform.machine().lower() in {
-    "x86_64", "amd64", "i386", "i486", "i586", "i686", "x86"}
+from packfmt._core import load_acquire_i64, store_release_i64
+
+SUPPORTED = sys.platform.startswith("linux")
 
 FREE, BUSY = 0, 1
 _PAGE = mmap.PAGESIZE
@@ -95,7 +95,8 @@ class Ring:
     def _attach(self, mm):
         self.mm = mm
         n = self.workers * self.slots
-        self._hdr = np.frombuffer(mm, np.int64, count=2 * n).reshape(n, 2)
+        self._words = np.frombuffer(mm, np.int64, count=2 * n)
+        self._hdr = self._words.reshape(n, 2)
         self._stats = np.frombuffer(mm, np.int64, count=2 * self.workers, offset=16 * n).reshape(self.workers, 2)
 
     def slot_array(self, slot: int, nbytes: int) -> np.ndarray:
@@ -131,7 +132,7 @@ class Ring:
         """Give ``slot`` back to its worker (if it still holds use ``seq``)."""
         hdr = self._hdr
         if hdr[slot, 1] == seq and hdr[slot, 0] == BUSY:
-            hdr[slot, 0] = FREE
+            store_release_i64(self._words, 2 * slot, FREE)
 
     def stats(self) -> dict:
         """``{"ring": batches sent through the ring, "fallback": batches sent the ordinary way}``."""
@@ -180,10 +181,10 @@ class RingWriter:
         ring = self.ring
         if nbytes > ring.slot_bytes:
             raise NoSlot
-        hdr = ring._hdr
+        hdr, words = ring._hdr, ring._words
         for k in range(ring.slots):
             s = self.base + (self._next + k) % ring.slots
-            if hdr[s, 0] == FREE:
+            if load_acquire_i64(words, 2 * s) == FREE:
                 seq = int(hdr[s, 1]) + 1
                 hdr[s, 1] = seq
                 hdr[s, 0] = BUSY

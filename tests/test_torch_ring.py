@@ -23,7 +23,7 @@ from packfmt.errors import CorruptShardError
 from packfmt.torch import (PackBatchSampler, PackDataLoader, PackDataset, PackedBatch, _collate_labels,
                            _rebuild_ring_batch, _RingBatch)
 
-pytestmark = pytest.mark.skipif(not _ring.SUPPORTED, reason="the ring is only used on x86 Linux")
+pytestmark = pytest.mark.skipif(not _ring.SUPPORTED, reason="the ring needs Linux (/dev/shm and fd passing)")
 
 N = 203
 BS = 16
@@ -312,3 +312,40 @@ def test_labels_collate_like_default_collate(dtype, values):
 def test_string_labels_collate_like_default_collate():
     arr = np.array(["a", "bc", ""], dtype=object)
     assert _collate_labels(arr) == default_collate(tuple(arr.tolist())) == ("a", "bc", "")
+
+
+def test_release_acquire_words_hand_slots_between_processes():
+    """The ring's flags: a store_release_i64 in one process is seen by load_acquire_i64 in another,
+    together with the bytes written before it (ping-pong over a shared mapping, no pipe)."""
+    import mmap
+
+    from packfmt import _core
+
+    mm = mmap.mmap(-1, 4096)
+    words = np.frombuffer(mm, np.int64, count=2)
+    data = np.frombuffer(mm, np.uint8, count=1024, offset=64)
+    rounds = 300
+    pid = os.fork()
+    if pid == 0:  # child: the writer; waits for its turn (word 0 even), fills the slot, hands it over
+        code = 0
+        try:
+            for r in range(rounds):
+                while _core.load_acquire_i64(words, 0) != 2 * r:
+                    pass
+                data[:] = r % 251
+                _core.store_release_i64(words, 0, 2 * r + 1)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    seen = []
+    for r in range(rounds):
+        while _core.load_acquire_i64(words, 0) != 2 * r + 1:
+            pass
+        seen.append(bool((data == r % 251).all()))
+        _core.store_release_i64(words, 0, 2 * r + 2)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and all(seen) and len(seen) == rounds
+    with pytest.raises(IndexError):
+        _core.store_release_i64(words, 2, 0)
+    with pytest.raises(IndexError):
+        _core.load_acquire_i64(words, -1)
