@@ -10,10 +10,9 @@ goes through a :class:`Reader` returned by ``Adapter.open``.  Optional capabilit
 torch Dataset) are ``None``/``False`` when the system does not offer them, and the harness prints
 "n/a" rather than timing a stand-in.
 
-``location`` is where the built data lives; only ``"local"`` exists today.  The remote comparison
-(loopback S3 with injected latency) will pass an ``s3://`` URL here and adapters that read remote data
-through their own S3 support (packfmt, Mosaic, LitData, wids) will implement it; the harness asks
-``Adapter.locations`` which ones an adapter supports.
+``location`` is where the built data lives; adapters read ``"local"`` data.  The remote comparison
+(remote_run.py) builds with these adapters, uploads what they wrote, and reads it back through each
+system's own S3 support in remote_worker.py, which knows how each system takes an ``s3://`` URL.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ What it does:
 Every timed part runs right after its files were read once (page cache warm: this VM evicts idle file
 pages after ~30 s) and reports pgpgin, the KiB the kernel paged in from disk while it ran.
 
-The remote comparison (loopback S3 with injected latency) is a later step: systems declare which
-``locations`` they support (base.Adapter.locations) and worker.py takes the data location as --out.
+The remote comparison (the same systems read from a loopback S3 server with injected latency, each
+through its own S3 support) is remote_run.py; it reuses this file's tree and build workers.
 """
 
 from __future__ import annotations
