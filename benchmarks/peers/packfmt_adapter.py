@@ -53,6 +53,8 @@ class PackAdapter(Adapter):
         # to compare with the single-process peers.
         w = os.environ.get("PEERS_PACKFMT_WORKERS")
         self.workers = int(w) if w else None
+        # remote_run.py also builds with the peers' shard size (64 MiB) next to packfmt's default.
+        self.shard_size = os.environ.get("PEERS_PACKFMT_SHARD_SIZE") or None
 
     def _import(self):
         import packfmt  # noqa: F401
@@ -60,7 +62,8 @@ class PackAdapter(Adapter):
 
     def build(self, src, rels, out, compression):
         from packfmt.build import build_dataset
-        build_dataset(src, out, compression=compression, workers=self.workers, progress=False)
+        extra = {"shard_size": self.shard_size} if self.shard_size else {}
+        build_dataset(src, out, compression=compression, workers=self.workers, progress=False, **extra)
 
     def open(self, out, rels):
         return PackReader(out, len(rels))

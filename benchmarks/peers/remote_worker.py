@@ -181,6 +181,7 @@ def run_loose(args, threaded):
 RUNS = {
     "packfmt-global": lambda a: run_packfmt(a, "global"),
     "packfmt-block": lambda a: run_packfmt(a, "block"),
+    "packfmt-global-64mib": lambda a: run_packfmt(a, "global"),
     "mosaic": lambda a: run_mosaic(a, False),
     "mosaic-fresh-client": lambda a: run_mosaic(a, True),
     "litdata": lambda a: run_litdata(a, False),
