@@ -241,10 +241,10 @@ def report(rows, meta) -> str:
     lines = [
         f"Produced by `{meta['cmdline']}` on {meta['date']}.",
         "",
-        f"Machine: {meta['machine']}; {meta['uptime_start']} at the start, {meta['uptime_end']} at the end.",
+        f"Machine: {meta['machine']}; {meta['uptime_end']} at the end.",
         "",
         f"Data: the tree of benchmarks/peers/run.py, {meta['files']:,} files ({meta['payload'] / 2**20:.0f} MiB), "
-        f"each system built from it locally with its adapter's default settings ({meta['stored']}) and "
+        f"each system built from it locally by its adapter with default settings except where the row says ({meta['stored']}) and "
         f"uploaded to moto's S3 server on 127.0.0.1; every request goes through a proxy adding "
         f"{meta['latency'] * 1000:.0f} ms (a stand-in for an object store's first-byte latency) that counts "
         f"it and the bytes it returned. One process per system; a shuffled epoch through a DataLoader with "
