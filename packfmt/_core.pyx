@@ -275,34 +275,53 @@ cdef class ShardWriter:
         return e.offset, e.stored_len, e.checksum
 
     def append_files(self, list paths, Py_ssize_t start, uint64_t[::1] offsets, uint32_t[::1] lengths,
-                     uint64_t[::1] checksums, Py_ssize_t end=-1):
-        """Append files paths[start:end] (end -1: to the last) stored raw, writing each entry at the same
-        position of the output arrays; returns end.  A file that cannot be read raises PackOSError with
-        .filename set and .position its index in paths."""
+                     uint64_t[::1] checksums, Py_ssize_t end=-1, const int64_t[::1] sizes=None):
+        """Append files paths[start:end] (bytes; end -1: to the last) stored raw, writing each entry at the
+        same position of the output arrays; returns end.  sizes (optional): the size each file was
+        listed with; a file of another size fails.  A file that cannot be read raises PackOSError (or
+        ValueError when it changed size) with .filename set and .position its index in paths.  The
+        whole run is appended with the GIL released."""
         self._check_open()
-        cdef Py_ssize_t i, n = len(paths) if end < 0 else min(end, len(paths))
+        cdef Py_ssize_t i, k, n = len(paths) if end < 0 else min(end, len(paths))
         cdef pk_entry e
         cdef pk_error err
-        cdef int rc
-        cdef bytes p
-        cdef const char *cp
+        cdef int rc = PK_OK
+        if start < 0 or start > n:
+            raise ValueError(f"start {start} outside 0..{n}")
         if offsets.shape[0] < n or lengths.shape[0] < n or checksums.shape[0] < n:
             raise ValueError("output arrays shorter than paths")
-        for i in range(start, n):
-            p = paths[i]
-            cp = p
+        if sizes is not None and sizes.shape[0] < n:
+            raise ValueError("sizes shorter than paths")
+        if n == start:
+            return n
+        cdef const char **cpaths = <const char **>malloc(<size_t>(n - start) * sizeof(char *))
+        if cpaths == NULL:
+            raise MemoryError()
+        cdef const int64_t *csizes = &sizes[0] if sizes is not None else NULL
+        cdef pk_writer *w = self.w
+        try:
+            for k in range(n - start):
+                p = paths[start + k]
+                if not PyBytes_CheckExact(p):
+                    raise TypeError(f"paths[{start + k}] must be bytes, got {type(p).__name__}")
+                cpaths[k] = PyBytes_AS_STRING(p)  # the list keeps the bytes alive
             clear_error(&err)
             with nogil:
-                rc = pk_writer_append_file(self.w, cp, &e, &err)
-            if rc != PK_OK:
-                try:
-                    check_status(rc, &err, os.fsdecode(p))
-                except Exception as exc:
-                    exc.position = i
-                    raise
-            offsets[i] = e.offset
-            lengths[i] = e.stored_len
-            checksums[i] = e.checksum
+                for i in range(start, n):
+                    rc = pk_writer_append_file(w, cpaths[i - start], csizes[i] if csizes != NULL else -1, &e, &err)
+                    if rc != PK_OK:
+                        break
+                    offsets[i] = e.offset
+                    lengths[i] = e.stored_len
+                    checksums[i] = e.checksum
+        finally:
+            free(cpaths)
+        if rc != PK_OK:
+            try:
+                check_status(rc, &err, os.fsdecode(paths[i]))
+            except Exception as exc:
+                exc.position = i
+                raise
         return n
 
     def close(self):

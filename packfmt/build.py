@@ -12,7 +12,9 @@ File names must be valid UTF-8 (keys are UTF-8 strings); others are unreadable f
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import gc
 import multiprocessing as mp
 import os
 import stat
@@ -21,13 +23,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from packfmt import _core
 from packfmt import manifest as mf
 from packfmt.errors import PackError, PackOSError
-from packfmt.writer import (DEFAULT_DICT_SIZE, DEFAULT_SHARD_SIZE, Compression, Encoder, Target, finish_dataset,
-                            index_table, parse_size, train_dictionary)
+from packfmt.writer import (DEFAULT_DICT_SIZE, DEFAULT_SHARD_SIZE, Compression, Encoder, Target, _numeric_array,
+                            finish_dataset, index_table, parse_size, train_dictionary)
 
 
 @dataclass
@@ -110,8 +111,20 @@ def walk(src: str, include=(), exclude=(), skip_errors: bool = False):
 
     if not os.path.isdir(src):
         raise PackOSError(2, "source is not a directory", src)
-    visit(src, "")
+    with _gc_paused():  # the walk only allocates (no cycles); collections would rescan it all, often
+        visit(src, "")
     return keys, paths, np.asarray(sizes, dtype=np.int64), skipped
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def plan_shards(sizes: np.ndarray, shard_size: int, ratio: float = 1.0) -> list:
@@ -130,13 +143,25 @@ def plan_shards(sizes: np.ndarray, shard_size: int, ratio: float = 1.0) -> list:
 
 
 # -------------------------------------------------------------------- workers
+#: Input a worker must have to itself before ``pack build`` (no ``--workers``) starts another process:
+#: forking, and sharing two cores with the rest of the machine, costs more than packing less than this.
+MIN_BYTES_PER_WORKER = 64 << 20
+#: Files, likewise (opening a file costs about as much as copying 16 KiB).
+MIN_FILES_PER_WORKER = 8192
+#: Files appended per call into C (the GIL is released for the whole run; the bar moves per run).
+APPEND_RUN = 1024
+
 _progress_files = None
 _progress_bytes = None
+_next_task = None  # shared counter of the next unclaimed task (forked workers and the parent)
+_parent_pid = None  # a forked worker stops when this process is gone
+_tasks = None  # the build's tasks, set before forking so that workers inherit them unpickled
 
 
-def _init_worker(files, nbytes):
-    global _progress_files, _progress_bytes
+def _init_worker(files, nbytes, next_task=None, parent_pid=None):
+    global _progress_files, _progress_bytes, _next_task, _parent_pid
     _progress_files, _progress_bytes = files, nbytes
+    _next_task, _parent_pid = next_task, parent_pid
 
 
 def _tick(nfiles: int, nbytes: int) -> None:
@@ -145,6 +170,121 @@ def _tick(nfiles: int, nbytes: int) -> None:
             _progress_files.value += nfiles
         with _progress_bytes.get_lock():
             _progress_bytes.value += nbytes
+
+
+def _check_parent() -> None:
+    """In a forked worker: stop when the build's process is gone (killed), instead of writing on."""
+    if _parent_pid is not None and os.getppid() != _parent_pid:
+        raise SystemExit(1)
+
+
+def _claim() -> int:
+    with _next_task.get_lock():
+        i = _next_task.value
+        _next_task.value = i + 1
+    return i
+
+
+def _stop_claims() -> None:
+    with _next_task.get_lock():
+        _next_task.value = 1 << 62
+
+
+def _drain() -> list:
+    """Build shards until none is left: [(task index, result)].  Run by every forked worker and by the
+    parent, each claiming the next task from the shared counter, so a process that finishes early takes
+    the next shard instead of idling while another writes two."""
+    done = []
+    try:
+        while True:
+            _check_parent()
+            i = _claim()
+            if i >= len(_tasks):
+                return done
+            done.append((i, build_shard(_tasks[i])))
+    except BaseException:
+        _stop_claims()  # the others finish the shard in hand and stop
+        raise
+
+
+def default_workers(total_bytes: int, files: int, shards: int) -> int:
+    """Worker processes ``pack build`` uses without ``--workers``: one per CPU this process may run on,
+    but no more than there are shards, and only as many as have MIN_BYTES_PER_WORKER or
+    MIN_FILES_PER_WORKER of input each (so a small build is never slower for having forked)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    worth = max(total_bytes // MIN_BYTES_PER_WORKER, files // MIN_FILES_PER_WORKER, 1)
+    return int(max(1, min(cpus, shards, worth)))
+
+
+def _worker_main(conn, files, nbytes, next_task, parent_pid) -> None:
+    """A forked worker: drain the task list, send [(index, result)] or the exception back."""
+    _init_worker(files, nbytes, next_task, parent_pid)
+    try:
+        msg = ("ok", _drain())
+    except BaseException as e:  # noqa: BLE001 -- everything goes to the parent, which raises it
+        msg = ("error", e)
+    try:
+        conn.send(msg)
+    except Exception as e:  # an exception that does not pickle: send its text
+        conn.send(("error", PackError(f"{type(msg[1]).__name__}: {msg[1]}" if msg[0] == "error" else str(e))))
+    finally:
+        conn.close()
+
+
+def _run_forked(tasks: list, nproc: int, bar: "_Progress") -> list:
+    """Build the tasks in this process and nproc - 1 forked workers; results in task order.
+
+    The workers inherit the tasks (nothing is pickled on the way in) and everyone claims the next shard
+    from a shared counter.  The first error stops further claims, the workers are terminated and the
+    error is raised here; a worker that dies without answering is an error too."""
+    global _tasks
+    ctx = mp.get_context("fork")
+    next_task = ctx.Value("q", 0)
+    procs = []
+    _tasks = tasks
+    try:
+        for _ in range(nproc - 1):
+            r, w = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_worker_main, args=(w, bar.files, bar.bytes, next_task, os.getpid()),
+                            name="packfmt-build", daemon=True)
+            p.start()
+            w.close()
+            procs.append((p, r))
+        bar.start()
+        _init_worker(bar.files, bar.bytes, next_task)
+        try:
+            done = _drain()
+        finally:
+            _init_worker(None, None)
+        for p, r in procs:
+            try:
+                status, value = r.recv()
+            except EOFError:
+                p.join()
+                raise PackError(f"a build worker (pid {p.pid}) died without finishing (exit code {p.exitcode})")
+            if status != "ok":
+                raise value
+            done.extend(value)
+            p.join()
+    except BaseException:
+        with next_task.get_lock():
+            next_task.value = 1 << 62
+        for p, _ in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        raise
+    finally:
+        _tasks = None
+        for _, r in procs:
+            r.close()
+    results = [None] * len(tasks)
+    for i, res in done:
+        results[i] = res
+    return results
 
 
 def _read_file(path: str, expected: int) -> bytes:
@@ -176,11 +316,13 @@ def build_shard(task: dict) -> dict:
     try:
         if compression.codec == "none":
             encoded = [os.fsencode(p) for p in paths]
+            listed = np.ascontiguousarray(sizes, dtype=np.int64)
             pos = 0
             while pos < n:
-                end = min(pos + 256, n)
+                _check_parent()
+                end = min(pos + APPEND_RUN, n)
                 try:
-                    w.append_files(encoded, pos, offsets, stored, checksums, end)
+                    w.append_files(encoded, pos, offsets, stored, checksums, end, listed)
                     _tick(end - pos, int(raw[pos:end].sum()))
                     pos = end
                 except (OSError, ValueError) as e:
@@ -229,11 +371,16 @@ class _Progress:
         self.bytes = mp.Value("q", 0)
         self.total_files = total_files
         self._bar = None
+        self._thread = None
         self._stop = threading.Event()
         if enabled:
             from tqdm import tqdm
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="packing",
                              dynamic_ncols=True, smoothing=0.1)
+
+    def start(self):
+        """Start refreshing the bar (a thread: start it after forking workers, never before)."""
+        if self._bar is not None and self._thread is None:
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
 
@@ -249,7 +396,8 @@ class _Progress:
     def close(self):
         if self._bar is not None:
             self._stop.set()
-            self._thread.join()
+            if self._thread is not None:
+                self._thread.join()
             self._update()
             self._bar.close()
 
@@ -296,7 +444,8 @@ def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none"
     t0 = time.perf_counter()
     shard_size = parse_size(shard_size)
     compression = Compression.parse(compression)
-    workers = max(1, workers or os.cpu_count() or 1)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if engine not in ("local", "ray"):
         raise ValueError(f"engine must be 'local' or 'ray', got {engine!r}")
     if label_from not in (None, "parent"):
@@ -322,23 +471,30 @@ def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none"
         tasks = [{"target": target, "name": names[i], "paths": paths[a:b], "sizes": sizes[a:b],
                   "compression": str(compression), "dictionary": dict_bytes, "skip_errors": skip_errors}
                  for i, (a, b) in enumerate(plans)]
-        bar = _Progress(int(sizes.sum()), len(paths), progress)
+        total_bytes = int(sizes.sum())
+        bar = _Progress(total_bytes, len(paths), progress)
+        nproc = min(workers, len(tasks)) if workers else default_workers(total_bytes, len(paths), len(tasks))
         if engine == "ray":
             from packfmt.ray import run_build_tasks
+            bar.start()
             _init_worker(bar.files, bar.bytes)
             try:
                 results = run_build_tasks(tasks, address=address, progress=_tick)
             finally:
                 _init_worker(None, None)
-        elif workers == 1 or len(tasks) <= 1:
+        elif nproc <= 1:
+            bar.start()
             _init_worker(bar.files, bar.bytes)
             try:
                 results = [build_shard(t) for t in tasks]
             finally:
                 _init_worker(None, None)
+        elif "fork" in mp.get_all_start_methods():
+            results = _run_forked(tasks, nproc, bar)
         else:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(bar.files, bar.bytes))
+            ctx = mp.get_context("spawn")
+            pool = ctx.Pool(nproc, initializer=_init_worker, initargs=(bar.files, bar.bytes))
+            bar.start()
             results = pool.map(build_shard, tasks, chunksize=1)
             pool.close()
             pool.join()
@@ -377,7 +533,10 @@ def _assemble(target, keys, plans, results, compression, dictionary, label_from,
         cols["shard"].append(np.full(int(ok.sum()), i, dtype=np.uint32))
         for k in ("offset", "stored_len", "raw_len", "checksum", "flags"):
             cols[k].append(r[k][ok])
-        kept_keys.extend(k for k, good in zip(keys[a:b], ok.tolist()) if good)
+        if ok.all():
+            kept_keys.extend(keys[a:b])
+        else:
+            kept_keys.extend(k for k, good in zip(keys[a:b], ok.tolist()) if good)
     cat = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in cols.items()}
     user = {}
     extra = {"source": {"path": os.path.abspath(src)}}
@@ -385,9 +544,9 @@ def _assemble(target, keys, plans, results, compression, dictionary, label_from,
         parents = [k.rsplit("/", 1)[0] if "/" in k else "." for k in kept_keys]
         classes = sorted(set(parents))
         lookup = {c: i for i, c in enumerate(classes)}
-        user["label"] = pa.array(np.array([lookup[p] for p in parents], dtype=np.int32))
+        user["label"] = _numeric_array([lookup[p] for p in parents], np.int32)
         extra["labels"] = classes
-    table = index_table(pa.array(kept_keys, type=pa.string()), cat["shard"], cat["offset"], cat["stored_len"],
+    table = index_table(kept_keys, cat["shard"], cat["offset"], cat["stored_len"],
                         cat["raw_len"], cat["checksum"], cat["flags"], user)
     return finish_dataset(target, shards, table, compression, dictionary, extra)
 

@@ -312,12 +312,12 @@ def index_table(keys, shard, offset, stored_len, raw_len, checksum, flags, colum
     """The global index as an Arrow table: packfmt's columns, then the user's."""
     arrays = {
         "key": _key_array(keys),
-        "shard": pa.array(np.asarray(shard, dtype=np.uint32)),
-        "offset": pa.array(np.asarray(offset, dtype=np.uint64)),
-        "stored_len": pa.array(np.asarray(stored_len, dtype=np.uint32)),
-        "raw_len": pa.array(np.asarray(raw_len, dtype=np.uint32)),
-        "checksum": pa.array(np.asarray(checksum, dtype=np.uint64)),
-        "flags": pa.array(np.asarray(flags, dtype=np.uint32)),
+        "shard": _numeric_array(shard, np.uint32),
+        "offset": _numeric_array(offset, np.uint64),
+        "stored_len": _numeric_array(stored_len, np.uint32),
+        "raw_len": _numeric_array(raw_len, np.uint32),
+        "checksum": _numeric_array(checksum, np.uint64),
+        "flags": _numeric_array(flags, np.uint32),
     }
     for name, values in columns.items():
         if name in arrays:
@@ -326,10 +326,27 @@ def index_table(keys, shard, offset, stored_len, raw_len, checksum, flags, colum
     return pa.table(arrays)
 
 
+# pa.array() asks pandas whether its argument is "array-like", importing pandas on first use: 0.3 s
+# and more of a short `pack build`.  The index columns are built from their buffers instead.
+def _numeric_array(values, dtype) -> pa.Array:
+    a = np.ascontiguousarray(np.asarray(values, dtype=dtype))
+    return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
+
+
 def _key_array(keys) -> pa.Array:
     """Keys as one Arrow array: ``string`` (32-bit offsets), or ``large_string`` once they add up to 2 GiB
     or more (pyarrow would otherwise split them into several chunks)."""
-    arr = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(keys, type=pa.string())
+    if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        arr = keys
+    else:
+        encoded = [k.encode("utf-8") for k in keys]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        total = int(lengths.sum())
+        large = total >= 2**31 - 1
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64 if large else np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        return pa.Array.from_buffers(pa.large_string() if large else pa.string(), len(encoded),
+                                     [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.cast(pa.large_string()).combine_chunks() if arr.num_chunks > 1 else arr.chunk(0)
     return arr

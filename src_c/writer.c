@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -26,6 +27,9 @@ struct pk_writer {
     uint64_t data_bytes;
     uint8_t *scratch;       /* read buffer for append_file of large files */
     size_t scratch_cap;
+    int dir_fd;             /* append_file: O_PATH descriptor of the directory of the last input, or -1 */
+    char *dir_path;         /* ... and that directory's path as given (no trailing '/'), or NULL */
+    size_t dir_len;
     pk_xxh64_state file_hash;
 };
 
@@ -97,6 +101,7 @@ int pk_writer_open_fd(int fd, uint32_t flags, uint32_t dict_id, pk_writer **out,
         return pk_fail(err, PK_E_NOMEM, 0, 0, 0, "allocating the write buffer");
     }
     w->fd = fd;
+    w->dir_fd = -1;
     w->is_file = S_ISREG(st.st_mode);
     w->flags = flags;
     w->dict_id = dict_id;
@@ -164,31 +169,67 @@ int pk_writer_append(pk_writer *w, const void *data, uint32_t stored_len, uint32
     return add_entry(w, offset, stored_len, raw_len, checksum, codec, entry, err);
 }
 
-/* Read exactly len bytes from fd into dst. */
-static int read_exact(int fd, uint8_t *dst, size_t len, int *eof_early) {
-    *eof_early = 0;
-    while (len > 0) {
-        ssize_t n = read(fd, dst, len);
+/* Read a regular file whose size was len when fstat()ed into dst, which has room for len + 1 bytes.
+ * Each read asks for one byte more than is still expected, so a file that grew shows that byte and
+ * a read that stops at the expected size is the end of the file: the usual case is one read(2), with
+ * no second read to probe for growth.  Sets *changed when the file ended early or had more than len
+ * bytes; returns -1 with errno on a read error. */
+static int read_whole(int fd, uint8_t *dst, size_t len, int *changed) {
+    size_t got = 0;
+    for (;;) {
+        ssize_t n = read(fd, dst + got, len + 1 - got);
         if (n < 0) {
             if (errno == EINTR) continue;
             return -1;
         }
-        if (n == 0) {
-            *eof_early = 1;
-            return 0;
-        }
-        dst += n;
-        len -= (size_t)n;
+        if (n == 0) break; /* end of file before the expected size (or exactly at it, for len 0) */
+        got += (size_t)n;
+        if (got >= len) break;
     }
+    *changed = got != len;
     return 0;
 }
 
-int pk_writer_append_file(pk_writer *w, const char *path, pk_entry *entry, pk_error *err) {
+/* Sets *dfd and *name so that openat(*dfd, *name) opens path.  Inputs come in walk order, so
+ * consecutive files share their directory: it is opened once (O_PATH) and kept, and each file is
+ * opened by its last path component instead of the kernel resolving the whole path every time. */
+static int dir_for(pk_writer *w, const char *path, int *dfd, const char **name, pk_error *err) {
+    const char *slash = strrchr(path, '/');
+    if (!slash) {
+        *dfd = AT_FDCWD;
+        *name = path;
+        return PK_OK;
+    }
+    size_t dlen = (size_t)(slash - path);
+    *name = slash + 1;
+    if (w->dir_fd >= 0 && w->dir_len == dlen && memcmp(w->dir_path, path, dlen) == 0) {
+        *dfd = w->dir_fd;
+        return PK_OK;
+    }
+    if (w->dir_fd >= 0) close(w->dir_fd);
+    w->dir_fd = -1;
+    char *p = realloc(w->dir_path, dlen + 1);
+    if (!p) return pk_fail(err, PK_E_NOMEM, 0, 0, dlen, "allocating a directory path");
+    memcpy(p, path, dlen);
+    p[dlen] = '\0';
+    w->dir_path = p;
+    w->dir_len = dlen;
+    int fd = open(dlen ? p : "/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return io_fail(err, errno, 0, "opening the input file's directory");
+    w->dir_fd = *dfd = fd;
+    return PK_OK;
+}
+
+int pk_writer_append_file(pk_writer *w, const char *path, int64_t expected_size, pk_entry *entry,
+                          pk_error *err) {
     if (!w || w->fd < 0) return pk_fail(err, PK_E_STATE, 0, 0, 0, "writer is closed");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    const char *name = path;
+    int dfd = AT_FDCWD;
+    int rc = dir_for(w, path, &dfd, &name, err);
+    if (rc) return rc;
+    int fd = openat(dfd, name, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return io_fail(err, errno, 0, "opening input file");
     struct stat st;
-    int rc = PK_OK;
     if (fstat(fd, &st) != 0) {
         rc = io_fail(err, errno, 0, "stat of input file");
         goto out;
@@ -202,30 +243,33 @@ int pk_writer_append_file(pk_writer *w, const char *path, pk_entry *entry, pk_er
                      "input file larger than the format's record limit");
         goto out;
     }
+    if (expected_size >= 0 && (uint64_t)st.st_size != (uint64_t)expected_size) {
+        rc = pk_fail(err, PK_E_RANGE, 0, (uint64_t)expected_size, (uint64_t)st.st_size,
+                     "input file changed size since it was listed");
+        goto out;
+    }
     size_t len = (size_t)st.st_size;
     uint8_t *dst;
-    if (w->buf_len + len <= WRITE_BUFFER_SIZE) {
+    if (w->buf_len + len + 1 <= WRITE_BUFFER_SIZE) {
         dst = w->buf + w->buf_len; /* read straight into the output buffer */
     } else {
-        if (len > w->scratch_cap) {
-            uint8_t *p = realloc(w->scratch, len);
+        if (len + 1 > w->scratch_cap) {
+            uint8_t *p = realloc(w->scratch, len + 1);
             if (!p) {
                 rc = pk_fail(err, PK_E_NOMEM, 0, 0, len, "allocating a read buffer");
                 goto out;
             }
             w->scratch = p;
-            w->scratch_cap = len;
+            w->scratch_cap = len + 1;
         }
         dst = w->scratch;
     }
-    int eof_early;
-    if (read_exact(fd, dst, len, &eof_early) != 0) {
+    int changed;
+    if (read_whole(fd, dst, len, &changed) != 0) {
         rc = io_fail(err, errno, 0, "reading input file");
         goto out;
     }
-    uint8_t probe;
-    ssize_t extra = eof_early ? 0 : read(fd, &probe, 1);
-    if (eof_early || extra != 0) {
+    if (changed) {
         rc = pk_fail(err, PK_E_RANGE, 0, len, 0, "input file changed size while being read");
         goto out;
     }
@@ -245,6 +289,8 @@ out:
 
 static void release(pk_writer *w) {
     if (w->fd >= 0) close(w->fd);
+    if (w->dir_fd >= 0) close(w->dir_fd);
+    free(w->dir_path);
     free(w->buf);
     free(w->index);
     free(w->scratch);

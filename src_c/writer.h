@@ -37,9 +37,14 @@ int pk_writer_open_fd(int fd, uint32_t flags, uint32_t dict_id, pk_writer **out,
 int pk_writer_append(pk_writer *w, const void *data, uint32_t stored_len, uint32_t raw_len,
                      uint32_t codec, pk_entry *entry, pk_error *err);
 
-/* Append the contents of a regular file, stored raw.  Fails with PK_E_IO naming errno if the file
- * cannot be read, or PK_E_RANGE if it is larger than PK_MAX_RECORD_SIZE or changed size while read. */
-int pk_writer_append_file(pk_writer *w, const char *path, pk_entry *entry, pk_error *err);
+/* Append the contents of a regular file, stored raw.  expected_size: the size the caller listed it
+ * with, or -1 to take whatever fstat() says.  Fails with PK_E_IO naming errno if the file cannot be
+ * opened or read, or PK_E_RANGE if it is larger than PK_MAX_RECORD_SIZE, is not expected_size bytes
+ * long, or changed size while read.  Symlinks are followed, as open(2) does.  The writer keeps the
+ * directory of the last file open (O_PATH) and opens the next file of the same directory relative to
+ * it, so appending a directory's files in a row resolves the directory's path once. */
+int pk_writer_append_file(pk_writer *w, const char *path, int64_t expected_size, pk_entry *entry,
+                          pk_error *err);
 
 /* Bytes written so far, including buffered ones, and records appended so far. */
 uint64_t pk_writer_size(const pk_writer *w);

@@ -10,8 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["tests/c/test_core.c", "src_c/format.c", "src_c/checksum.c", "src_c/reader.c", "src_c/writer.c"]
 WARN = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Isrc_c"]
-CASES = ["checksum", "xxh3", "structs", "write_and_open", "flags_and_dict", "writer_errors", "empty_shard", "batches",
-         "corruption", "verify_buffers", "refused_open_leaves_nothing"]
+CASES = ["checksum", "xxh3", "structs", "write_and_open", "flags_and_dict", "writer_errors", "append_file_dirs",
+         "empty_shard", "batches", "corruption", "verify_buffers", "refused_open_leaves_nothing"]
 
 
 def build_and_run(tmp_path, flags, env=None):

@@ -111,11 +111,11 @@ static void writer_paths(void) {
     put_file(path("in.bin"), "hello file", 10);
     pk_entry en;
     clear(&e);
-    CHECK(pk_writer_append_file(w, path("in.bin"), &en, &e) == PK_OK && en.stored_len == 10);
+    CHECK(pk_writer_append_file(w, path("in.bin"), 10, &en, &e) == PK_OK && en.stored_len == 10);
     clear(&e);
-    CHECK(pk_writer_append_file(w, path("missing.bin"), &en, &e) == PK_E_IO);
+    CHECK(pk_writer_append_file(w, path("missing.bin"), -1, &en, &e) == PK_E_IO);
     clear(&e);
-    CHECK(pk_writer_append_file(w, dir, &en, &e) != PK_OK);
+    CHECK(pk_writer_append_file(w, dir, -1, &en, &e) != PK_OK);
     /* Unknown codec and raw/stored mismatch for raw records. */
     clear(&e);
     CHECK(pk_writer_append(w, "abc", 3, 3, 9, &en, &e) != PK_OK);

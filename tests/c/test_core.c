@@ -335,12 +335,12 @@ static void test_writer_errors(void) {
     EXPECT_RC(PK_E_RANGE, pk_writer_append(w, "abc", 3, 3, 7, NULL, &err));               /* unknown codec */
     EXPECT_RC(PK_E_RANGE, pk_writer_append(w, "abc", 3, 4, PK_CODEC_NONE, NULL, &err));   /* raw != stored */
     EXPECT_RC(PK_E_RANGE, pk_writer_append(w, "abc", 3, 0x80000000u, PK_CODEC_NONE, NULL, &err));
-    EXPECT_RC(PK_E_IO, pk_writer_append_file(w, path_of("missing"), NULL, &err));
+    EXPECT_RC(PK_E_IO, pk_writer_append_file(w, path_of("missing"), -1, NULL, &err));
     CHECK(err.sys_errno == ENOENT);
-    EXPECT_RC(PK_E_IO, pk_writer_append_file(w, root, NULL, &err)); /* a directory */
+    EXPECT_RC(PK_E_IO, pk_writer_append_file(w, root, -1, NULL, &err)); /* a directory */
     /* append_file stores the file raw, the same as append. */
     pk_entry e;
-    EXPECT_RC(PK_OK, pk_writer_append_file(w, path_of("a.pack"), &e, &err));
+    EXPECT_RC(PK_OK, pk_writer_append_file(w, path_of("a.pack"), -1, &e, &err));
     CHECK(e.offset == PK_HEADER_SIZE && e.flags == PK_CODEC_NONE);
     pk_writer_summary s;
     EXPECT_RC(PK_OK, pk_writer_close(w, &s, &err));
@@ -363,6 +363,54 @@ static void test_writer_errors(void) {
     pk_writer_abort(w);
     EXPECT_RC(PK_E_TRUNCATED, pk_shard_open(path_of("ab.pack"), 0, 0, &sh, &err));
     printf("ok writer_errors\n");
+}
+
+/* append_file: files opened relative to their directory (kept open between files of the same
+ * directory, switched when it changes, including to a directory whose name is a prefix of the last),
+ * the listed size checked, empty and large (past the write buffer) files. */
+static void test_append_file_dirs(void) {
+    pk_writer *w;
+    reset_err();
+    char d1[4200], d2[4200], f[4300];
+    snprintf(d1, sizeof d1, "%s/ad", root);
+    snprintf(d2, sizeof d2, "%s/adx", root);
+    mkdir(d1, 0755);
+    mkdir(d2, 0755);
+    static const char *order[] = {"ad/b", "ad/c", "adx/b", "ad/e", "adx/big", "adx/z"};
+    size_t sizes[] = {5, 0, 7, 3, (size_t)3 << 20, 1};
+    uint8_t *big = malloc(sizes[4] + 8); /* file i holds big[i .. i + sizes[i]) */
+    for (size_t i = 0; i < sizes[4] + 8; i++) big[i] = (uint8_t)(i * 131u + 7u);
+    for (int i = 0; i < 6; i++) spit(path_of(order[i]), big + i, sizes[i]);
+    unlink(path_of("ad.pack"));
+    EXPECT_RC(PK_OK, pk_writer_open(path_of("ad.pack"), 0, 0, &w, &err));
+    pk_entry e[6];
+    for (int i = 0; i < 6; i++) {
+        snprintf(f, sizeof f, "%s", path_of(order[i]));
+        EXPECT_RC(PK_OK, pk_writer_append_file(w, f, (int64_t)sizes[i], &e[i], &err));
+        CHECK(e[i].stored_len == sizes[i] && e[i].checksum == pk_xxh3_64(big + i, sizes[i]));
+    }
+    /* a size other than the listed one is refused, before any byte is read */
+    uint64_t before = pk_writer_size(w);
+    EXPECT_RC(PK_E_RANGE, pk_writer_append_file(w, path_of("ad/b"), 6, NULL, &err));
+    CHECK(err.expected == 6 && err.actual == 5 && pk_writer_size(w) == before);
+    EXPECT_RC(PK_E_IO, pk_writer_append_file(w, path_of("nodir/x"), -1, NULL, &err));
+    CHECK(err.sys_errno == ENOENT);
+    EXPECT_RC(PK_E_IO, pk_writer_append_file(w, path_of("ad/missing"), -1, NULL, &err));
+    CHECK(err.sys_errno == ENOENT);
+    pk_writer_summary s;
+    EXPECT_RC(PK_OK, pk_writer_close(w, &s, &err));
+    CHECK(s.record_count == 6);
+    pk_shard *sh;
+    EXPECT_RC(PK_OK, pk_shard_open(path_of("ad.pack"), s.file_size, 1, &sh, &err));
+    uint8_t *buf = malloc(sizes[4]);
+    for (int i = 0; i < 6; i++) {
+        EXPECT_RC(PK_OK, pk_shard_read(sh, e[i].offset, e[i].stored_len, buf, &err));
+        CHECK(memcmp(buf, big + i, sizes[i]) == 0);
+    }
+    free(buf);
+    free(big);
+    pk_shard_close(sh);
+    printf("ok append_file_dirs\n");
 }
 
 static void test_empty_shard(void) {
@@ -757,6 +805,7 @@ int main(int argc, char **argv) {
     test_write_and_open();
     test_flags_and_dict();
     test_writer_errors();
+    test_append_file_dirs();
     test_empty_shard();
     test_batches();
     test_corruption();
