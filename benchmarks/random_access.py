@@ -398,6 +398,8 @@ def main(argv=None):
                     help="random samples for the slow ds[i]-on-zstd pass (default 50,000)")
     ap.add_argument("--codecs", default="none,zstd", help="compressions to pack and read (default none,zstd)")
     ap.add_argument("--skip-build", action="store_true", help="skip the pack build vs tar cf measurement")
+    ap.add_argument("--build-only", action="store_true",
+                    help="only the pack build vs tar cf measurement: print its rows, leave --out alone")
     ap.add_argument("--build-on-disk", action="store_true",
                     help="build from the tree on disk instead of a tmpfs copy (the VM evicts idle pages)")
     ap.add_argument("--workers", type=int, default=None, help="pack build --workers (default: its own default)")
@@ -416,6 +418,8 @@ def main(argv=None):
     spec = TreeSpec(files=files, seed=args.seed)
     os.makedirs(args.cache, exist_ok=True)
     tree_root = ensure_tree(args.cache, spec, log=log)
+    if args.build_only:
+        return build_only(args, spec, tree_root)
 
     ds_dirs = {c: ensure_dataset(args.cache, spec, tree_root, c, log=log) for c in codecs}
     tmpdir = tempfile.mkdtemp(prefix="packfmt-bench-")
@@ -510,6 +514,28 @@ def main(argv=None):
         update_markdown_section(args.out, SECTION, TITLE, text)
         log(f"updated section '{SECTION}' of {args.out}")
     shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def build_only(args, spec, tree_root) -> None:
+    """The build rows alone (same procedure as the full run), with the load average around them."""
+    load0 = os.getloadavg()
+    src, shm = tree_root, None
+    if not args.build_on_disk:
+        shm = copy_tree_to_tmpfs(tree_root)
+        src = shm or tree_root
+    try:
+        rows = measure_build(src, tree_files(src, spec), args.cache, args.build_reps, spec.files, args.workers)
+    finally:
+        if shm:
+            shutil.rmtree(shm, ignore_errors=True)
+    tar = rows[0]
+    table = [[r.name, f"{r.samples:,}", f"{r.t.best:.2f}", f"{r.t.median:.2f}", fmt_rate(r.rate),
+              f"{r.rate / tar.rate:.2f}x", f"{r.t.best_cpu:.2f}", f"{tar.t.best_cpu / r.t.best_cpu:.2f}x"] for r in rows]
+    print(f"Build only: {spec.files:,} files from {src}; best of {args.build_reps} after an untimed run; "
+          f"load average {', '.join(f'{x:.2f}' for x in load0)} at the start, "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end.")
+    print(markdown_table(["command", "files", "best s (wall)", "median s", "files/s", "x tar cf",
+                          "CPU s (all processes)", "x tar cf (CPU)"], table))
 
 
 if __name__ == "__main__":

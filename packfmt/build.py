@@ -13,11 +13,11 @@ File names must be valid UTF-8 (keys are UTF-8 strings); others are unreadable f
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import gc
 import multiprocessing as mp
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,45 +69,54 @@ def walk(src: str, include=(), exclude=(), skip_errors: bool = False):
     cannot be packed raises UnreadableFileError, or is listed in skipped with ``skip_errors``."""
     keys, paths, sizes, skipped = [], [], [], []
 
-    def visit(dirpath: str, prefix: str):
+    file_kind, dir_kind, link_dir_kind, error_kind = (_core.ENTRY_FILE, _core.ENTRY_DIR, _core.ENTRY_LINK_DIR,
+                                                      _core.ENTRY_ERROR)
+
+    def fail(path: str, code: int, reason: str) -> None:
+        if not skip_errors:
+            raise UnreadableFileError(code, reason, path)
+        skipped.append(Skipped(path, reason))
+
+    def visit(dirpath: str, prefix: str, prefix_utf8: bool = True):
+        # One C call lists the directory and stat()s its files relative to it (src/_core.pyx scan_dir);
+        # names are sorted as UTF-8 bytes, which is code point order.
         try:
-            with os.scandir(dirpath) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            names, kinds, values = _core.scan_dir(dirpath)
         except OSError as e:
             skipped.append(Skipped(dirpath, f"cannot list directory: {e.strerror}"))
             return
-        for e in entries:
-            key = prefix + e.name
+        base = dirpath if dirpath.endswith("/") else dirpath + "/"
+        for j in sorted(range(len(names)), key=names.__getitem__):
+            raw, kind = names[j], kinds[j]
             try:
-                if e.is_dir(follow_symlinks=False):
-                    visit(e.path, key + "/")
-                    continue
-                if e.is_symlink() and e.is_dir(follow_symlinks=True):
-                    skipped.append(Skipped(e.path, "symlink to a directory (not followed)"))
-                    continue
-                if include and not _matches(key, include):
-                    continue
-                if exclude and _matches(key, exclude):
-                    continue
-                try:
-                    key.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise UnreadableFileError(0, "file name is not valid UTF-8", e.path) from None
-                st = e.stat(follow_symlinks=True)
-                if not stat.S_ISREG(st.st_mode):
-                    skipped.append(Skipped(e.path, "not a regular file"))
-                    continue
-            except OSError as err:
-                if not isinstance(err, UnreadableFileError):
-                    reason = "dangling symlink or file vanished" if isinstance(err, FileNotFoundError) else err.strerror
-                    err = UnreadableFileError(err.errno, reason, e.path)
-                if not skip_errors:
-                    raise err from None
-                skipped.append(Skipped(e.path, err.strerror))
+                name = raw.decode("utf-8")
+                utf8 = prefix_utf8
+            except UnicodeDecodeError:
+                name = os.fsdecode(raw)
+                utf8 = False
+            path = base + name
+            if kind == dir_kind:
+                visit(path, prefix + name + "/", utf8)
                 continue
-            keys.append(key)
-            paths.append(e.path)
-            sizes.append(st.st_size)
+            if kind == link_dir_kind:
+                skipped.append(Skipped(path, "symlink to a directory (not followed)"))
+                continue
+            key = prefix + name
+            if include and not _matches(key, include):
+                continue
+            if exclude and _matches(key, exclude):
+                continue
+            if not utf8:
+                fail(path, 0, "file name is not valid UTF-8")
+            elif kind == file_kind:
+                keys.append(key)
+                paths.append(path)
+                sizes.append(values[j])
+            elif kind == error_kind:
+                err = values[j]
+                fail(path, err, "dangling symlink or file vanished" if err == errno.ENOENT else os.strerror(err))
+            else:
+                skipped.append(Skipped(path, "not a regular file"))
 
     if not os.path.isdir(src):
         raise PackOSError(2, "source is not a directory", src)

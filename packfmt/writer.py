@@ -333,6 +333,11 @@ def _numeric_array(values, dtype) -> pa.Array:
     return pa.Array.from_buffers(pa.from_numpy_dtype(a.dtype), len(a), [None, pa.py_buffer(a)])
 
 
+def _uint32_values(arr: pa.Array) -> np.ndarray:
+    """The values of a uint32 Arrow array without nulls, as numpy, without going through pandas."""
+    return np.frombuffer(arr.buffers()[1], dtype=np.uint32)[arr.offset: arr.offset + len(arr)]
+
+
 def _key_array(keys) -> pa.Array:
     """Keys as one Arrow array: ``string`` (32-bit offsets), or ``large_string`` once they add up to 2 GiB
     or more (pyarrow would otherwise split them into several chunks)."""
@@ -375,7 +380,7 @@ def finish_dataset(target: Target, shards: list, table: pa.Table, compression: C
         target.put_atomic(mf.DICTIONARY_NAME, dbytes)
         dict_info = {"name": mf.DICTIONARY_NAME, "size": len(dbytes), "checksum": mf.hex64(_core.xxh64(dbytes)),
                      "dict_id": dictionary.dict_id()}
-    raw_bytes = int(np.asarray(table.column("raw_len"), dtype=np.uint64).sum()) if table.num_rows else 0
+    raw_bytes = sum(int(_uint32_values(c).sum(dtype=np.uint64)) for c in table.column("raw_len").chunks)
     stored_bytes = sum(s.data_bytes for s in shards)
     user_cols = [f.name for f in table.schema if f.name not in mf.INDEX_COLUMNS]
     manifest = {

@@ -220,3 +220,90 @@ def test_append_files_detects_a_file_longer_than_it_says():
         with pytest.raises(TypeError, match="bytes"):
             w.append_files(["/proc/self/status"], 0, out64, out32, out64)
         w.abort()
+
+
+# ------------------------------------------------------------------------------------------ the walk
+def reference_walk(src, include=(), exclude=()):
+    """The walk as os.scandir + DirEntry.stat give it (walk() before it listed directories in C)."""
+    import fnmatch
+    import stat
+
+    def matches(key, patterns):
+        return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key.rsplit("/", 1)[-1], p) for p in patterns)
+
+    keys, paths, sizes, skipped = [], [], [], []
+
+    def visit(dirpath, prefix):
+        with os.scandir(dirpath) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            key = prefix + e.name
+            if e.is_dir(follow_symlinks=False):
+                visit(e.path, key + "/")
+                continue
+            if e.is_symlink() and e.is_dir(follow_symlinks=True):
+                skipped.append((e.path, "symlink to a directory (not followed)"))
+                continue
+            if include and not matches(key, include):
+                continue
+            if exclude and matches(key, exclude):
+                continue
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                skipped.append((e.path, "file name is not valid UTF-8"))
+                continue
+            try:
+                st = e.stat(follow_symlinks=True)
+            except FileNotFoundError:
+                skipped.append((e.path, "dangling symlink or file vanished"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                skipped.append((e.path, "not a regular file"))
+                continue
+            keys.append(key)
+            paths.append(e.path)
+            sizes.append(st.st_size)
+
+    visit(src, "")
+    return keys, paths, sizes, skipped
+
+
+@pytest.mark.parametrize("patterns", [((), ()), (("*.bin",), ()), ((), ("sub1", "d2/*", "*.x")),
+                                      (("*",), ("bad*",))])
+def test_walk_matches_scandir(tmp_path, patterns):
+    """Symlinks (to files, to directories, dangling), a fifo, names that are not UTF-8 (a file, and a
+    directory with files under it), code point order with multi-byte names: the same result as
+    os.scandir + stat, with the same skip reasons."""
+    src = tmp_path / "src"
+    write_tree(src, n=60, names=["é", "z", "Z", "ü/x.x", "日本/語", "a b/c", "~", "aé", "a\u00ff", "a\u0100"])
+    os.symlink(src / "z", src / "link-file")
+    os.symlink(src / "d1", src / "link-dir")
+    os.symlink(src / "nothing-here", src / "dangling")
+    os.mkfifo(src / "d2" / "fifo")
+    bsrc = os.fsencode(src)
+    with open(os.path.join(bsrc, b"bad\xff.bin"), "wb") as f:
+        f.write(b"x")
+    os.mkdir(os.path.join(bsrc, b"baddir\xfe"))
+    with open(os.path.join(bsrc, b"baddir\xfe", b"ok.bin"), "wb") as f:
+        f.write(b"y")
+    include, exclude = patterns
+    keys, paths, sizes, skipped = build.walk(str(src), include, exclude, skip_errors=True)
+    ref = reference_walk(str(src), include, exclude)
+    assert (keys, paths, sizes.tolist()) == (ref[0], ref[1], ref[2])
+    assert sorted((s.path, s.reason) for s in skipped) == sorted(ref[3])
+    if not include and not exclude:
+        assert {os.path.basename(s.path) for s in skipped} >= {"link-dir", "dangling", "fifo", "ok.bin"}
+    with pytest.raises(UnreadableFileError):
+        build.walk(str(src), include, exclude)
+
+
+def test_walk_errors_name_the_file(tmp_path):
+    src = tmp_path / "src"
+    write_tree(src, n=5)
+    os.symlink(src / "nothing-here", src / "dangling")
+    with pytest.raises(UnreadableFileError, match="dangling") as ei:
+        build.walk(str(src))
+    assert ei.value.filename.endswith("dangling") and ei.value.errno == 2
+    with pytest.raises(packfmt.errors.PackOSError, match="not a directory"):
+        build.walk(str(src / "d0" / "sub0" / "f0000.bin"))

@@ -612,6 +612,9 @@ def main(argv=None):
     p.add_argument("--img", default=os.path.join(REPO, "docs", "img"))
     p.add_argument("--json", default=None, help="also write all raw results here")
     p.add_argument("--from-json", default=None, help="re-make the report and charts from a --json file, no run")
+    p.add_argument("--build-only", type=int, default=0, metavar="REPS",
+                   help="only time the builds (--compressions, packfmt also with 1 worker), REPS rounds with the "
+                        "systems interleaved; print a table, leave the docs alone")
     args = p.parse_args(argv)
     if args.install:
         install(args.venv)
@@ -641,6 +644,8 @@ def main(argv=None):
     log(f"{describe_machine(info)}\n{uptime}")
     prep = prepare(args)
     log(f"tree: {prep['root']} ({len(prep['rels']):,} files); building ...")
+    if args.build_only:
+        return build_only(args, prep, systems, names, uptime)
     builds = {}
     for s in systems:
         comps = [c for c in args.compressions if c in names[s][3]]
@@ -678,6 +683,40 @@ def main(argv=None):
     cmdline = " ".join([sys.executable, os.path.relpath(__file__, REPO),
                         *(argv if argv is not None else sys.argv[1:])])
     return finish(args, argv, prep, builds, reads, lim, names, info, load_end, cmdline, uptime)
+
+
+def build_only(args, prep, systems, names, uptime):
+    """Builds alone, interleaved round by round so that every system sees the same load; best and median
+    wall seconds, best CPU seconds (the process and its reaped children)."""
+    runs = {}
+    for _ in range(args.build_only):
+        for s in systems:
+            variants = [(c, {}, "") for c in args.compressions if c in names[s][3]]
+            if s == "packfmt":
+                variants.append(("none", {"PEERS_PACKFMT_WORKERS": "1"}, "-1worker"))
+            for c, env, tag in variants:
+                out = os.path.join(prep["work"], f"{s}{tag}.{c}")
+                shutil.rmtree(out, ignore_errors=True)
+                subprocess.run(["sync"], check=False)
+                res = run_worker(args, prep, s, "build", out, c, env=env, tag=tag)
+                shutil.rmtree(out, ignore_errors=True)
+                runs.setdefault((names[s][0] + (" (1 worker)" if tag else ""), c), []).append(res)
+    rows = []
+    for (name, c), rs in runs.items():
+        ok = [r for r in rs if "seconds" in r]
+        if not ok:
+            rows.append([name, c, "error", "", "", "", ""])
+            continue
+        secs = sorted(r["seconds"] for r in ok)
+        rows.append([name, c, f"{secs[0]:.2f}", f"{secs[len(secs) // 2]:.2f}",
+                     f"{min(r.get('cpu_seconds', float('nan')) for r in ok):.2f}",
+                     f"{min(r['fsync_after_s'] for r in ok):.2f}", f"{max(r.get('load1', 0) for r in ok):.1f}"])
+    with open("/proc/loadavg") as f:
+        end = "load average: " + ", ".join(f.read().split()[:3])
+    print(f"Builds of {len(prep['rels']):,} files, {args.build_only} rounds; {uptime} at the start, {end} at the end")
+    print(markdown_table(["system", "compression", "best s", "median s", "best CPU s", "fsync after s",
+                          "load1 (max)"], rows, "llrrrrr"))
+    return 0
 
 
 def finish(args, argv, prep, builds, reads, lim, names, info, load_end, cmdline, uptime):
