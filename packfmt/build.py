@@ -138,16 +138,18 @@ def _gc_paused():
 
 def plan_shards(sizes: np.ndarray, shard_size: int, ratio: float = 1.0) -> list:
     """Cut consecutive files into shards: [(start, end), ...] with estimated stored bytes <= shard_size."""
-    est = np.ceil(sizes * ratio).astype(np.int64) + _core.ENTRY_SIZE
+    est = np.ceil(np.asarray(sizes, dtype=np.float64) * ratio).astype(np.int64) + _core.ENTRY_SIZE
     budget = shard_size - _core.HEADER_SIZE - _core.FOOTER_SIZE
-    plans, start, acc = [], 0, 0
-    for i, s in enumerate(est.tolist()):
-        if i > start and acc + s > budget:
-            plans.append((start, i))
-            start, acc = i, 0
-        acc += s
-    if start < len(est):
-        plans.append((start, len(est)))
+    # Greedy: a shard takes files while their estimates add up to at most the budget, and at least one.
+    # cum[k] = est[:k].sum(), so shard [a, b) fits when cum[b] - cum[a] <= budget.
+    cum = np.zeros(len(est) + 1, dtype=np.int64)
+    np.cumsum(est, out=cum[1:])
+    plans, start, n = [], 0, len(est)
+    while start < n:
+        end = int(np.searchsorted(cum, cum[start] + budget, side="right")) - 1
+        end = min(max(end, start + 1), n)
+        plans.append((start, end))
+        start = end
     return plans
 
 
@@ -450,6 +452,13 @@ def build_dataset(src, dst, *, shard_size=DEFAULT_SHARD_SIZE, compression="none"
 
     ``engine="ray"`` writes the same planned shards as Ray tasks (``address``: the cluster to join; see
     packfmt/ray.py) and gives the same dataset, sample for sample, as the local worker pool."""
+    with _gc_paused():  # a build allocates hundreds of thousands of acyclic objects: nothing to collect
+        return _build_dataset(src, dst, shard_size, compression, workers, label_from, include, exclude,
+                              skip_errors, overwrite, progress, dict_size, storage_options, engine, address)
+
+
+def _build_dataset(src, dst, shard_size, compression, workers, label_from, include, exclude, skip_errors,
+                   overwrite, progress, dict_size, storage_options, engine, address) -> BuildReport:
     t0 = time.perf_counter()
     shard_size = parse_size(shard_size)
     compression = Compression.parse(compression)

@@ -307,3 +307,31 @@ def test_walk_errors_name_the_file(tmp_path):
     assert ei.value.filename.endswith("dangling") and ei.value.errno == 2
     with pytest.raises(packfmt.errors.PackOSError, match="not a directory"):
         build.walk(str(src / "d0" / "sub0" / "f0000.bin"))
+
+
+def _plan_one_by_one(sizes, shard_size, ratio):
+    est = np.ceil(np.asarray(sizes, dtype=np.float64) * ratio).astype(np.int64) + _core.ENTRY_SIZE
+    budget = shard_size - _core.HEADER_SIZE - _core.FOOTER_SIZE
+    plans, start, acc = [], 0, 0
+    for i, s in enumerate(est.tolist()):
+        if i > start and acc + s > budget:
+            plans.append((start, i))
+            start, acc = i, 0
+        acc += s
+    if start < len(est):
+        plans.append((start, len(est)))
+    return plans
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 1 << 22), max_size=80), st.integers(64, 1 << 23),
+       st.sampled_from([1.0, 0.77, 0.3, 0.02]))
+def test_plan_shards_is_the_greedy_cut(sizes, shard_size, ratio):
+    """The vectorised plan equals the file-by-file greedy cut: consecutive files, each shard within the
+    budget unless a single file is larger, every file in exactly one shard."""
+    plans = build.plan_shards(np.asarray(sizes, dtype=np.int64), shard_size, ratio)
+    assert plans == _plan_one_by_one(sizes, shard_size, ratio)
+    assert [i for a, b in plans for i in range(a, b)] == list(range(len(sizes)))
