@@ -351,7 +351,8 @@ def report(args, info, spec, tree_bytes, sizes, ds_info, rows, limits, build_row
                  if args.build_src.startswith("/dev/shm") else f"the tree on disk, warmed right before each run")
         out.append(f"Build: source {where}; output to `{args.cache}` on the disk (removed and synced before each run); "
                    f"one untimed run first, then best of {args.build_reps}. `pack build` without `--workers` uses "
-                   f"its default (one worker per CPU, {info['nproc']} here):")
+                   f"its default (one worker per CPU, {info['nproc']} here, fewer for small inputs: "
+                   f"`packfmt.build.default_workers`):")
         out.append("")
         out.append(markdown_table(["command", "files", "seconds (wall)", "files/s", "x tar cf",
                                    "CPU seconds (all processes)", "output MiB", "evicted KiB (warm-ups)",

@@ -272,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("dst", metavar="DST")
     b.add_argument("--shard-size", default="256MiB", help="target shard size (default 256MiB)")
     b.add_argument("--compression", default="none", help="none | zstd[:LEVEL] | zstd-dict[:LEVEL] (default none)")
-    b.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    b.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU, fewer for small inputs)")
     b.add_argument("--label-from", choices=["parent"], default=None,
                    help="add an integer 'label' column from each file's parent directory")
     b.add_argument("--include", action="append", default=[], metavar="GLOB", help="only pack matching files")

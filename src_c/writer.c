@@ -227,7 +227,8 @@ int pk_writer_append_file(pk_writer *w, const char *path, int64_t expected_size,
     int dfd = AT_FDCWD;
     int rc = dir_for(w, path, &dfd, &name, err);
     if (rc) return rc;
-    int fd = openat(dfd, name, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a fifo put where a file was listed must not block the build (fstat refuses it) */
+    int fd = openat(dfd, name, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return io_fail(err, errno, 0, "opening input file");
     struct stat st;
     if (fstat(fd, &st) != 0) {

@@ -206,6 +206,23 @@ def test_file_replaced_by_a_symlink_after_the_walk(tmp_path, monkeypatch):
     check(tmp_path / "ds", files)
 
 
+def test_file_replaced_by_a_fifo_after_the_walk(tmp_path, monkeypatch):
+    """A fifo where a file was listed: refused at once (opening it must not wait for a writer)."""
+    files = write_tree(tmp_path / "src", n=20)
+    victim = tmp_path / "src" / "d5/sub2/f0005.bin"
+
+    def swap():
+        os.unlink(victim)
+        os.mkfifo(victim)
+
+    _after_walk(monkeypatch, swap)
+    rep = build_dataset(tmp_path / "src", tmp_path / "ds", workers=1, progress=False, skip_errors=True)
+    assert [(os.path.basename(s.path), "not a regular file" in s.reason) for s in rep.skipped] == \
+        [("f0005.bin", True)]
+    del files["d5/sub2/f0005.bin"]
+    check(tmp_path / "ds", files)
+
+
 def test_append_files_detects_a_file_longer_than_it_says():
     """/proc files stat as 0 bytes and read as more: growth while reading is caught, not truncated."""
     import tempfile
