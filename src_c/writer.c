@@ -11,6 +11,10 @@
 
 #include "checksum.h"
 
+#ifndef O_PATH /* Linux-only: elsewhere the directory is opened for reading, which openat() accepts too */
+#define O_PATH O_RDONLY
+#endif
+
 #define WRITE_BUFFER_SIZE (1u << 20)
 /* Start writing a shard's pages to disk every this many bytes, so that the fsync at close waits for
  * the last few MiB only instead of the whole shard. */
