@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from packfmt import _core
 from packfmt import manifest as mf
@@ -233,6 +232,7 @@ def find_duplicates(keys, limit: int = 20) -> tuple:
     Hashes every key with XXH64 in C (as ``Dataset.index_of`` does), sorts the hashes, and compares
     only the strings whose hashes collide: ~10x faster than counting the strings themselves.
     """
+    import pyarrow.compute as pc  # imported on use: 25-60 ms, and `pack` loads this module
     keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
     n = len(keys)
     if n < 2:
@@ -269,6 +269,7 @@ def check_duplicates(table: pa.Table, on_duplicate: str, where: str) -> None:
 
 def concat_indexes(tables: list, shard_offsets: list) -> pa.Table:
     """Concatenate index tables, renumbering shards; user columns are unioned (missing values null)."""
+    import pyarrow.compute as pc  # imported on use: 25-60 ms, and `pack` loads this module
     parts = []
     for t, off in zip(tables, shard_offsets):
         t = t.set_column(t.schema.get_field_index("shard"), "shard",
@@ -307,6 +308,7 @@ def commit_generation(target, generation: int, tag: str | None, shards: list, ta
     ``shards`` are ShardInfo of every shard the new manifest names (old and new).  With
     ``expect_manifest``, the current manifest must still be exactly those bytes (one writer at a time).
     """
+    import pyarrow.compute as pc  # imported on use: 25-60 ms, and `pack` loads this module
     from packfmt.writer import _user, _version, serialize_index
     index_bytes = serialize_index(table)
     iname = index_name(tag)
