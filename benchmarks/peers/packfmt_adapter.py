@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 
-from base import Adapter, Reader, identity_collate
+from base import Adapter, Reader
 
 
 class PackReader(Reader):
@@ -30,12 +30,13 @@ class PackReader(Reader):
             yield from batch
 
     def loader(self, batch_size, num_workers, seed):
-        from torch.utils.data import DataLoader
-        from packfmt.torch import PackBatchSampler, PackDataset
+        # The loader docs/guide.md recommends: PackDataLoader hands each batch from a worker to the main
+        # process through a shared-memory ring (docs/shuffle.md); the items stay plain bytes, as for
+        # every other system here (collate_samples gives the list default_collate would).
+        from packfmt.torch import PackBatchSampler, PackDataLoader, PackDataset
         ds = PackDataset(self.out)
         sampler = PackBatchSampler(ds, batch_size=batch_size, seed=seed, mode="global")
-        return DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=identity_collate,
-                          persistent_workers=False)
+        return PackDataLoader(ds, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)
 
     def close(self):
         self.ds.close()
@@ -46,7 +47,7 @@ class PackAdapter(Adapter):
     requires = ("packfmt",)
     compressions = ("none", "zstd", "zstd-dict")
     kind = "indexed shards + Arrow index"
-    loader_kind = "PackDataset + PackBatchSampler (one get_batch per batch)"
+    loader_kind = "PackDataset + PackBatchSampler + PackDataLoader (one get_batch per batch, shared-memory ring)"
 
     def __init__(self):
         # pack build uses one worker per CPU by default; run.py also builds with PEERS_PACKFMT_WORKERS=1
