@@ -8,6 +8,7 @@ import os
 
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from cpython.list cimport PyList_New, PyList_SET_ITEM
@@ -148,6 +149,15 @@ def store_release_i64(int64_t[::1] words, Py_ssize_t i, int64_t value):
     if not 0 <= i < words.shape[0]:
         raise IndexError(f"word {i} out of range for {words.shape[0]} words")
     pk_store_release_i64(&words[i], value)
+
+
+def uninit_bytearray(Py_ssize_t n):
+    """A ``bytearray`` of ``n`` bytes whose contents are not initialised (``bytearray(n)`` zero-fills:
+    a second pass over memory a batch read is about to overwrite).  Only for buffers every byte of
+    which is written before anyone reads them."""
+    if n < 0:
+        raise ValueError(f"negative size {n}")
+    return PyByteArray_FromStringAndSize(NULL, n)
 
 
 def xxh3_64_copy(dst, src):

@@ -411,7 +411,7 @@ class Dataset:
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(self._cols["raw_len"][rows], out=offsets[1:])
         total = int(offsets[-1])
-        buf = bytearray(total) if alloc is None else alloc(total)
+        buf = _core.uninit_bytearray(total) if alloc is None else alloc(total)  # every byte written below
         view = memoryview(buf).cast("B")
         if len(view) < total:
             raise ValueError(f"alloc returned {len(view)} bytes, {total} needed")
@@ -447,7 +447,7 @@ class Dataset:
         starts = np.zeros(len(rows), dtype=np.uint64)
         if len(rows) > 1:
             np.cumsum(stored[:-1], out=starts[1:])
-        buf = bytearray(int(stored.sum()))
+        buf = _core.uninit_bytearray(int(stored.sum()))  # filled by read_rows_into, or it raises
         self._shardset.read_rows_into(rows, buf, starts)
         return self._decode(rows, buf, starts, stored)
 
@@ -458,7 +458,7 @@ class Dataset:
         starts = np.zeros(len(rows), dtype=np.uint64)
         if len(rows) > 1:
             np.cumsum(stored[:-1], out=starts[1:])
-        buf = bytearray(int(stored.sum()))
+        buf = _core.uninit_bytearray(int(stored.sum()))  # filled by _remote_stored, or it raises
         self._remote_stored(rows, buf, starts)
         return self._decode(rows, buf, starts, stored)
 

@@ -138,3 +138,24 @@ print("clean")
 """
     r = _child(code)
     assert r.returncode == 0 and "clean" in r.stdout, f"exit {r.returncode}\n{r.stderr[-3000:]}"
+
+
+def test_uninit_bytearray_sizes_and_packed_batches_fill_every_byte(tmp_path):
+    """get_batch_packed allocates its buffer uninitialised: every byte must still come from a record."""
+    import packfmt
+    from packfmt import _core
+    assert type(_core.uninit_bytearray(0)) is bytearray and len(_core.uninit_bytearray(4097)) == 4097
+    with pytest.raises(ValueError):
+        _core.uninit_bytearray(-1)
+    samples = [bytes([k % 251]) * (k * 37 % 5000) for k in range(300)]
+    for compression in ("none", "zstd"):
+        out = tmp_path / compression
+        with packfmt.Writer(str(out), compression=compression) as w:
+            for k, s in enumerate(samples):
+                w.add(f"k{k}", s)
+        ds = packfmt.open(str(out))
+        for _ in range(3):  # reuse freed allocations, which hold old bytes
+            rows = list(range(299, -1, -2))
+            buf, off = ds.get_batch_packed(rows)
+            assert bytes(buf) == b"".join(samples[r] for r in rows)
+            assert off.tolist()[-1] == len(buf)
