@@ -240,6 +240,7 @@ class PackDatasink(Datasink):
                     n for n in t.schema.names if n not in (self.key_column, self.data_column)]
                 users.append(t.select(user))
             pw.close()
+            self._check_job_alive(pw)
         except BaseException:
             pw.abort()
             raise
@@ -252,6 +253,22 @@ class PackDatasink(Datasink):
         part = index_table(pa.array(keys, type=pa.string()), c["shard"], c["offset"], c["stored_len"], c["raw_len"],
                            c["checksum"], c["flags"], user_cols)
         return {"task": int(ctx.task_idx), "shards": pw.shards, "index": part}
+
+    def _check_job_alive(self, pw: "_PartWriter") -> None:
+        """After this task's shards are written: if the job already failed (another task died and
+        :meth:`_cleanup` removed the build marker, which it does *before* listing the part shards), this
+        task's shards may have landed after that listing; remove them and fail.  Either the cleanup's
+        listing sees a shard, or the shard's task sees the marker gone: none is left behind."""
+        store = self.target.store
+        if store.exists(mf.INCOMPLETE_MARKER):
+            return
+        for info in pw.shards:
+            try:
+                store.delete(info.name)
+            except OSError:
+                pass
+        raise PackError(f"packfmt datasink: the write to {self.target.url} was aborted while task {pw.task} ran "
+                        f"(another task failed); its part shards were removed")
 
     def on_write_complete(self, write_result) -> None:
         try:
@@ -285,6 +302,10 @@ class PackDatasink(Datasink):
         destination is listed here — the writing side may list; readers never do.
         """
         target, store = self.target, self.target.store
+        try:  # first: a task still running sees the job is over (see _check_job_alive)
+            store.delete(mf.INCOMPLETE_MARKER)
+        except OSError:
+            pass
         rx = re.compile(PART_PATTERN)
         if target.local:
             try:

@@ -171,6 +171,32 @@ def test_datasink_task_killed_publishes_nothing(cluster, tmp_path):
     assert leftovers(tmp_path / "out") == []  # no manifest, no part shard, no marker
 
 
+def test_datasink_task_finishing_after_the_cleanup_removes_its_shards(tmp_path):
+    """The race behind a killed job: a task that is still writing when the driver cleans up. Its shards
+    land after the cleanup listed the destination; the task sees the build marker gone and removes them."""
+    import types
+
+    import pyarrow as pa
+
+    import packfmt.ray as pr
+    from packfmt.errors import PackError
+    out = str(tmp_path / "out")
+    sink = pr.PackDatasink(out, shard_size="1KiB")
+    sink.on_write_start()
+    assert leftovers(out) == [mf.INCOMPLETE_MARKER]
+    sink.on_write_failed(RuntimeError("another task died"))  # the driver gives up first
+    block = pa.table({"key": [f"k{i}" for i in range(20)], "bytes": [os.urandom(300) for _ in range(20)]})
+    with pytest.raises(PackError, match="aborted while task 3 ran"):
+        sink.write([block], types.SimpleNamespace(task_idx=3))
+    assert leftovers(out) == []
+    # a live job is unaffected: the same task writes and returns its part
+    sink2 = pr.PackDatasink(str(tmp_path / "ok"), shard_size="1KiB")
+    sink2.on_write_start()
+    part = sink2.write([block], types.SimpleNamespace(task_idx=3))
+    assert part["task"] == 3 and len(part["shards"]) > 1
+    assert all(os.path.exists(tmp_path / "ok" / sh.name) for sh in part["shards"])
+
+
 def test_datasink_killed_on_s3_leaves_no_upload(cluster, moto_server, s3_client, s3_bucket):
     import packfmt.ray as pr
     from conftest_servers import s3_options
