@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch.utils.data import default_collate
 
 import packfmt
+from _hostile import UNDER_ASAN
 from packfmt import _ring
 from packfmt.errors import CorruptShardError
 from packfmt.torch import (PackBatchSampler, PackDataLoader, PackDataset, PackedBatch, _collate_labels,
@@ -255,6 +256,9 @@ def test_descriptor_outside_the_main_process(data, tmp_path):
         pickle.dumps(ring)
 
 
+@pytest.mark.skipif(UNDER_ASAN, reason="torch reports a dead worker by throwing a C++ exception, which a preloaded "
+                    "ASan cannot intercept (CHECK failed: real___cxa_throw, asan_interceptors.cpp); this test runs "
+                    "in the normal suite")
 def test_nothing_left_after_worker_killed_and_persistent(data):
     ds = PackDataset(data, label="label", packed=True)
     sampler = PackBatchSampler(ds, BS, seed=0)
