@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/ (common.py)
 
 import numpy as np  # noqa: E402
 
-from common import pgpgin_kib, warm_files  # noqa: E402
+from common import own_disk_read_kib, pgpgin_kib, warm_files  # noqa: E402
 from systems import load  # noqa: E402
 
 
@@ -54,15 +54,8 @@ def rusage():
 
 
 def io_read_kib() -> int:
-    """KiB this process caused to be read from storage (/proc/self/io read_bytes; 0 = served from memory)."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
+    """KiB this process caused to be read from storage (0 = served from memory, or no per-task accounting)."""
+    return max(0, own_disk_read_kib())
 
 
 def cpu_seconds() -> float:
