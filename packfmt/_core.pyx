@@ -581,7 +581,8 @@ cdef class ShardSet:
     """The shards of a dataset plus the columns of its global index that locate records.
 
     Shards open lazily on first use.  A ShardSet must not be used across fork(): the dataset layer
-    makes a new one in the child.
+    makes a new one in the child.  use_mmap: map the shards (else pread, neighbours coalesced);
+    huge_pages: also advise 2 MiB pages for the maps (PK_MAP_HUGE in src_c/reader.h).
     """
     cdef pk_shardset *set
     cdef pk_index_cols cols
@@ -593,7 +594,7 @@ cdef class ShardSet:
     def __cinit__(self, list paths, const uint64_t[::1] sizes, const uint32_t[::1] shard,
                   const uint64_t[::1] offset, const uint32_t[::1] stored_len, const uint64_t[::1] checksum,
                   bint use_mmap=True, bint verify=True, uint64_t max_gap=64 * 1024,
-                  uint64_t max_read=8 * 1024 * 1024):
+                  uint64_t max_read=8 * 1024 * 1024, bint huge_pages=False):
         cdef Py_ssize_t i, n = len(paths)
         if sizes.shape[0] != n:
             raise ValueError("one size per shard path")
@@ -609,7 +610,8 @@ cdef class ShardSet:
             cpaths[i] = <bytes>encoded[i]
         cdef pk_error err
         clear_error(&err)
-        cdef int rc = pk_shardset_new(n, cpaths, &sizes[0] if n else NULL, use_mmap, &self.set, &err)
+        cdef int map = (PK_MAP | (PK_MAP_HUGE if huge_pages else 0)) if use_mmap else 0
+        cdef int rc = pk_shardset_new(n, cpaths, &sizes[0] if n else NULL, map, &self.set, &err)
         free(cpaths)
         check_status(rc, &err, self.paths)
         self._keep = (shard, offset, stored_len, checksum)

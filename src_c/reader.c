@@ -112,7 +112,7 @@ void pk_shard_close(pk_shard *s) {
     free(s);
 }
 
-int pk_shard_open(const char *path, uint64_t expected_size, int use_mmap, pk_shard **out, pk_error *err) {
+int pk_shard_open(const char *path, uint64_t expected_size, int map, pk_shard **out, pk_error *err) {
     *out = NULL;
     pk_shard *s = calloc(1, sizeof *s);
     if (!s) return pk_fail(err, PK_E_NOMEM, 0, 0, 0, "allocating a shard");
@@ -179,13 +179,17 @@ int pk_shard_open(const char *path, uint64_t expected_size, int use_mmap, pk_sha
         goto fail;
     }
     s->info.dict_id = h.dict_id;
-    if (use_mmap) {
+    if (map & PK_MAP) {
         void *m = mmap(NULL, size, PROT_READ, MAP_SHARED, s->fd, 0);
         if (m == MAP_FAILED) {
             rc = io_fail(err, errno, 0, "mmap of shard");
             goto fail;
         }
         s->map = m;
+#ifdef MADV_HUGEPAGE
+        /* Advice: EINVAL on a kernel without THP leaves a plain mapping, which reads the same bytes. */
+        if (map & PK_MAP_HUGE) (void)madvise(m, size, MADV_HUGEPAGE);
+#endif
     }
     *out = s;
     return PK_OK;
@@ -288,17 +292,17 @@ struct pk_shardset {
     char **paths;
     uint64_t *sizes;
     pk_shard **shards;       /* NULL until first use */
-    int use_mmap;
+    int map;  /* PK_MAP[|PK_MAP_HUGE] or 0 */
     pthread_mutex_t lock;    /* guards opening */
 };
 
-int pk_shardset_new(size_t n, const char *const *paths, const uint64_t *sizes, int use_mmap,
+int pk_shardset_new(size_t n, const char *const *paths, const uint64_t *sizes, int map,
                     pk_shardset **out, pk_error *err) {
     *out = NULL;
     pk_shardset *set = calloc(1, sizeof *set);
     if (!set) return pk_fail(err, PK_E_NOMEM, 0, 0, 0, "allocating a shard set");
     set->n = n;
-    set->use_mmap = use_mmap;
+    set->map = map;
     set->paths = calloc(n ? n : 1, sizeof *set->paths);
     set->sizes = calloc(n ? n : 1, sizeof *set->sizes);
     set->shards = calloc(n ? n : 1, sizeof *set->shards);
@@ -348,7 +352,7 @@ int pk_shardset_get(pk_shardset *set, size_t i, pk_shard **out, pk_error *err) {
     int rc = PK_OK;
     s = set->shards[i];
     if (!s) {
-        rc = pk_shard_open(set->paths[i], set->sizes[i], set->use_mmap, &s, err);
+        rc = pk_shard_open(set->paths[i], set->sizes[i], set->map, &s, err);
         if (!rc) __atomic_store_n(&set->shards[i], s, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&set->lock);
@@ -431,7 +435,7 @@ int pk_read_batch(pk_shardset *set, const pk_index_cols *cols, const int64_t *ro
         reqs[k].pos = k;
     }
     /* Sorting pays for coalescing preads; an mmap read is a memcpy wherever the record lies. */
-    if (n > 1 && !set->use_mmap) qsort(reqs, n, sizeof *reqs, req_cmp);
+    if (n > 1 && !(set->map & PK_MAP)) qsort(reqs, n, sizeof *reqs, req_cmp);
 
     uint8_t *scratch = NULL;
     size_t scratch_cap = 0;

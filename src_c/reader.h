@@ -32,9 +32,20 @@ typedef struct pk_shard_info {
     uint16_t write_version;
 } pk_shard_info;
 
+/* How a shard is read (the `map` argument of pk_shard_open / pk_shardset_new, a bit set):
+ *   0                     pread(2), neighbours coalesced;
+ *   PK_MAP                map the file read-only: a read becomes a memcpy from the page cache;
+ *   PK_MAP | PK_MAP_HUGE  also madvise(MADV_HUGEPAGE): where the kernel and file system allow it
+ *                         (Linux THP, large page-cache folios: ext4 >= 6.16, xfs, tmpfs), the page cache
+ *                         fills 2 MiB folios on a fault and maps them with one TLB entry each, so random
+ *                         reads from a hot shard miss the TLB far less.  A fault on an uncached region
+ *                         then reads 2-4 MiB: for random reads of a dataset larger than memory, leave it
+ *                         off (or use pread).  Advice only: a kernel that refuses it reads as PK_MAP. */
+enum { PK_MAP = 1, PK_MAP_HUGE = 2 };
+
 /* Open and validate a shard.  expected_size: the size the manifest records, 0 to accept any.
- * use_mmap: map the file (reads become memcpy) instead of pread. */
-int pk_shard_open(const char *path, uint64_t expected_size, int use_mmap, pk_shard **out, pk_error *err);
+ * map: 0 or PK_MAP[|PK_MAP_HUGE], above. */
+int pk_shard_open(const char *path, uint64_t expected_size, int map, pk_shard **out, pk_error *err);
 
 /* Validate a shard held in memory (tail = the last tail_len bytes of a file of file_size bytes,
  * containing at least the footer and the index).  Used for remote shards and by the fuzzer. */
@@ -62,7 +73,7 @@ int pk_shard_hash_range(const pk_shard *s, uint64_t start, uint64_t end, uint64_
 
 typedef struct pk_shardset pk_shardset;
 
-int pk_shardset_new(size_t n, const char *const *paths, const uint64_t *sizes, int use_mmap,
+int pk_shardset_new(size_t n, const char *const *paths, const uint64_t *sizes, int map,
                     pk_shardset **out, pk_error *err);
 void pk_shardset_free(pk_shardset *set);
 /* The i-th shard, opened on first use (thread-safe). */

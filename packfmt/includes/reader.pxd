@@ -13,7 +13,10 @@ cdef extern from "reader.h" nogil:
         uint32_t dict_id
         uint16_t read_version
         uint16_t write_version
-    int pk_shard_open(const char *path, uint64_t expected_size, int use_mmap, pk_shard **out, pk_error *err)
+    enum:
+        PK_MAP
+        PK_MAP_HUGE
+    int pk_shard_open(const char *path, uint64_t expected_size, int map, pk_shard **out, pk_error *err)
     int pk_shard_check_tail(const uint8_t *tail, size_t tail_len, uint64_t file_size, pk_shard_info *info,
                             pk_error *err)
     void pk_shard_close(pk_shard *s)
@@ -26,7 +29,7 @@ cdef extern from "reader.h" nogil:
 
     ctypedef struct pk_shardset:
         pass
-    int pk_shardset_new(size_t n, const char *const *paths, const uint64_t *sizes, int use_mmap,
+    int pk_shardset_new(size_t n, const char *const *paths, const uint64_t *sizes, int map,
                         pk_shardset **out, pk_error *err)
     void pk_shardset_free(pk_shardset *set)
     int pk_shardset_get(pk_shardset *set, size_t i, pk_shard **out, pk_error *err)
