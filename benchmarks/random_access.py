@@ -15,6 +15,10 @@ In ONE process and one run, on a generated tree of small files (log-normal sizes
 Every measurement warms the files it reads right before it runs (the benchmark VM evicts pages idle
 for ~30 s), takes the best of several repetitions, and reports the KiB paged in from disk during the
 timed repetitions (``pgpgin`` in /proc/vmstat, system-wide): ~0 means memory was measured, not disk.
+The datasets' shards are first evicted and brought back through a map advised to use 2 MiB pages, the
+way packfmt's reader (``huge_pages``) faults them in, and the warm-ups bring evicted pages back the same
+way: the page cache then holds the shards in 2 MiB folios, which every reader that maps them -- the C
+limits included -- maps with 2 MiB entries.  ``benchmarks/huge_pages.py`` measures what that shape is worth.
 
     python benchmarks/random_access.py                 # full run: 200,000 files
     python benchmarks/random_access.py --quick         # 20,000 files, fewer repetitions
@@ -50,6 +54,7 @@ from common import (  # noqa: E402
     dir_bytes,
     ensure_dataset,
     ensure_tree,
+    evict_files,
     fmt_rate,
     have_pack_build,
     log,
@@ -61,6 +66,7 @@ from common import (  # noqa: E402
     readdir_order,
     tree_files,
     update_markdown_section,
+    warm_dataset_files,
     warm_files,
 )
 
@@ -101,7 +107,7 @@ class Row:
 
 def warm_dataset(ds_dir):
     def warm():
-        return warm_files(dataset_files(ds_dir))[2]
+        return warm_dataset_files(dataset_files(ds_dir))[2]
     return warm
 
 
@@ -430,6 +436,12 @@ def main(argv=None):
     exe = compile_c(os.path.join(HERE, "limits.c"), tmpdir, flags=flags,
                     extra_sources=[os.path.join(REPO, "src_c", "checksum.c")])
 
+    # A defined starting point: the shards leave the page cache and come back the way packfmt's reader
+    # faults them in (2 MiB folios where the kernel allows), whatever earlier runs left there.  Every
+    # reader below, the C limits included, then maps the same cached pages.
+    for d in ds_dirs.values():
+        evict_files(dataset_files(d))
+        warm_dataset_files(dataset_files(d))
     dss = {c: packfmt.open(d) for c, d in ds_dirs.items()}
     ds = dss["none"]
     n = len(ds)
